@@ -1,0 +1,180 @@
+"""Where model files come from: a local directory, the Hugging Face hub, or ModelScope.
+
+Every path ends in a local directory that is checked to be a Qwen3 causal LM before any weight
+is loaded, so a wrong checkpoint fails with a message instead of producing random scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["MODEL_FILE_PATTERNS", "ModelSourceError", "resolve_model_dir", "validate_model_dir"]
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("auto", "local", "huggingface", "modelscope")
+
+#: Files needed to score; optimizer states, ONNX exports and the like are skipped.
+MODEL_FILE_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+]
+
+
+class ModelSourceError(OSError):
+    """The model could not be found or downloaded from any of the sources tried."""
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def _download_huggingface(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=MODEL_FILE_PATTERNS,
+        )
+    )
+
+
+def _download_modelscope(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError as exc:  # modelscope is a core dependency; a broken install should say so
+        raise ModelSourceError(
+            "ModelScope download requested but the 'modelscope' package cannot be imported "
+            f"({exc}); reinstall it with `pip install modelscope`"
+        ) from exc
+    return Path(
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=MODEL_FILE_PATTERNS,
+        )
+    )
+
+
+_DOWNLOADERS = {"huggingface": _download_huggingface, "modelscope": _download_modelscope}
+
+
+def resolve_model_dir(
+    model: str | os.PathLike[str],
+    source: str = "auto",
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Path, str]:
+    """Find or download the model and return its local directory.
+
+    ``source="auto"`` uses an existing local directory if ``model`` is one; otherwise it tries the
+    Hugging Face hub, then ModelScope, and logs which one served the files. Downloads are cached
+    by the hub libraries, so the second start needs no network. The default source can be set
+    with the environment variable ``QWEN3_RERANK_SOURCE`` (e.g. ``modelscope`` in mainland China).
+
+    Args:
+        model: Hub id such as ``"Qwen/Qwen3-Reranker-0.6B"`` or a local directory.
+        source: ``"auto"``, ``"local"``, ``"huggingface"`` or ``"modelscope"``.
+        revision: Branch, tag or commit on the hub.
+        cache_dir: Download cache location (the hub library's default when ``None``).
+
+    Returns:
+        ``(directory, source_used)``.
+
+    Raises:
+        ValueError: For an unknown ``source``.
+        ModelSourceError: If no source could provide the model; the message lists each attempt
+            and what to do.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a hub id or a directory path, got {type(model).__name__}")
+    if source == "auto":
+        source = os.environ.get("QWEN3_RERANK_SOURCE", "auto") or "auto"
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(map(repr, SOURCES))}, got {source!r}")
+    name = os.fspath(model)
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    local = Path(name).expanduser()
+
+    if source == "local" or (source == "auto" and local.is_dir()):
+        if not local.is_dir():
+            raise ModelSourceError(f"model directory {name!r} does not exist (source='local')")
+        logger.info("Loading %s from local directory %s", local.name, local.resolve())
+        return local.resolve(), "local"
+
+    if not _looks_like_hub_id(name):
+        raise ModelSourceError(
+            f"{name!r} is neither an existing directory nor a hub id like 'Qwen/Qwen3-Reranker-0.6B'"
+        )
+
+    order = ["huggingface", "modelscope"] if source == "auto" else [source]
+    failures: list[str] = []
+    for candidate in order:
+        try:
+            path = _DOWNLOADERS[candidate](name, revision, cache)
+        except Exception as exc:
+            logger.warning("Could not get %s from %s: %s", name, candidate, exc)
+            failures.append(f"{candidate}: {type(exc).__name__}: {exc}")
+            continue
+        logger.info("Loading %s from %s (%s)", name, candidate, path)
+        return path, candidate
+
+    tried = "\n  ".join(failures)
+    raise ModelSourceError(
+        f"Could not get model {name!r}. Tried:\n  {tried}\n"
+        "What to do: check the network or proxy; in mainland China use source='modelscope' "
+        "(or QWEN3_RERANK_SOURCE=modelscope); set HF_ENDPOINT to a mirror; or download the model "
+        "once elsewhere and pass its local directory."
+    )
+
+
+def validate_model_dir(path: Path) -> dict:
+    """Check that ``path`` holds a Qwen3 causal LM checkpoint with a tokenizer.
+
+    Returns:
+        The parsed ``config.json``.
+
+    Raises:
+        ValueError: If the directory is not a Qwen3 causal LM (for instance a sequence-classification
+            conversion, or another model family), or lacks weights or tokenizer files.
+    """
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type != "qwen3":
+        raise ValueError(
+            f"{path} holds a {model_type!r} model; a Qwen3-Reranker checkpoint (model_type 'qwen3', "
+            "Qwen3ForCausalLM) is required"
+        )
+    if any("SequenceClassification" in arch for arch in architectures):
+        raise ValueError(
+            f"{path} is a sequence-classification conversion ({', '.join(architectures)}). This engine "
+            "scores with the causal-LM head (yes/no logits); load the original Qwen/Qwen3-Reranker-* "
+            "checkpoint instead."
+        )
+    if architectures and "Qwen3ForCausalLM" not in architectures:
+        raise ValueError(f"{path} declares architectures {architectures}; Qwen3ForCausalLM is required")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{path} has no weight files (*.safetensors or *.bin)")
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    return config
