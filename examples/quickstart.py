@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     show(reranker, FAQ_QUERY, FAQ_DOCS, "customer_service_faq")
     show(reranker, EN_QUERY, EN_DOCS, None)
     if is_demo:
-        print("Reminder: demo model with random weights; run with network access (or --model PATH) for real scores.")
+        print(
+            "Reminder: demo model with random weights. Run with network access (or --model PATH)\n"
+            "for real scores."
+        )
     return 0
 
 

@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from qwen3_rerank_plugins import Reranker, get_reranker  # noqa: E402
-from qwen3_rerank_plugins.demo import create_random_reranker  # noqa: E402
+from qwen3_rerank_plugins import Reranker, get_reranker
+from qwen3_rerank_plugins.demo import create_random_reranker
 
 FAQ_QUERY = "订单还没发货，能查一下吗？"
 FAQ_DOCS = [

@@ -44,7 +44,9 @@ def body_token_ids(tokenizer, pairs, instruction=None, max_length=8192, plain_te
 
 
 @torch.no_grad()
-def model_card_scores(model, tokenizer, pairs, instruction=None, max_length=8192, plain_text=False) -> list[float]:
+def model_card_scores(
+    model, tokenizer, pairs, instruction=None, max_length=8192, plain_text=False
+) -> list[float]:
     """P(yes) for each (query, document) pair, computed as on the model card."""
     token_false_id = tokenizer.convert_tokens_to_ids("no")
     token_true_id = tokenizer.convert_tokens_to_ids("yes")

@@ -9,9 +9,8 @@ import threading
 
 import pytest
 import torch
-from conftest import FAQ_DOCS, FAQ_QUERY
-from reference import body_token_ids, model_card_scores
 
+from conftest import FAQ_DOCS, FAQ_QUERY
 from qwen3_rerank_plugins import (
     DEFAULT_INSTRUCTION,
     INSTRUCTION_TEMPLATES,
@@ -19,6 +18,7 @@ from qwen3_rerank_plugins import (
     Reranker,
     get_reranker,
 )
+from reference import body_token_ids, model_card_scores
 
 TOL = 1e-5
 LONG_DOC = "重复的工单内容，" * 400 + " and some English words at the end " * 50
@@ -88,7 +88,11 @@ def test_scores_match_model_card_one_pair_at_a_time(reranker, hf_model):
 
 def test_score_pairs_mixed_queries_match_model_card(reranker, hf_model):
     model, tokenizer = hf_model
-    pairs = [(FAQ_QUERY, d) for d in FAQ_DOCS[:3]] + [(EN_QUERY, d) for d in FAQ_DOCS[2:]] + [("发票怎么开", "开票")]
+    pairs = (
+        [(FAQ_QUERY, d) for d in FAQ_DOCS[:3]]
+        + [(EN_QUERY, d) for d in FAQ_DOCS[2:]]
+        + [("发票怎么开", "开票")]
+    )
     random.Random(1).shuffle(pairs)
     expected = model_card_scores(model, tokenizer, pairs)
     got = reranker.score_pairs(pairs)
@@ -209,7 +213,9 @@ def test_rerank_orders_and_returns_original_objects(reranker):
 
 def test_rerank_top_n_and_threshold(reranker):
     all_results = reranker.rerank(FAQ_QUERY, FAQ_DOCS)
-    assert [r.index for r in reranker.rerank(FAQ_QUERY, FAQ_DOCS, top_n=2)] == [r.index for r in all_results[:2]]
+    assert [r.index for r in reranker.rerank(FAQ_QUERY, FAQ_DOCS, top_n=2)] == [
+        r.index for r in all_results[:2]
+    ]
     assert len(reranker.rerank(FAQ_QUERY, FAQ_DOCS, top_n=100)) == len(FAQ_DOCS)
     cut = all_results[3].score
     kept = reranker.rerank(FAQ_QUERY, FAQ_DOCS, threshold=cut)
@@ -243,7 +249,9 @@ def test_named_instruction_templates(reranker):
     assert by_name == by_text
     default = reranker.with_settings(instruction="step_by_step")
     assert default.score(FAQ_QUERY, FAQ_DOCS) == by_name
-    assert reranker.score(FAQ_QUERY, FAQ_DOCS, instruction="web_search") == reranker.score(FAQ_QUERY, FAQ_DOCS)
+    assert reranker.score(FAQ_QUERY, FAQ_DOCS, instruction="web_search") == reranker.score(
+        FAQ_QUERY, FAQ_DOCS
+    )
 
 
 # ------------------------------------------------------------------ bad input
@@ -257,7 +265,11 @@ def test_named_instruction_templates(reranker):
         (lambda rr: rr.score(FAQ_QUERY, {"text": "x"}), TypeError, "documents must be a list"),
         (lambda rr: rr.score(FAQ_QUERY, ["ok", 3]), TypeError, r"documents\[1\]"),
         (lambda rr: rr.score(FAQ_QUERY, ["ok", None]), TypeError, r"documents\[1\]"),
-        (lambda rr: rr.score(FAQ_QUERY, ["ok", {"id": 1}]), ValueError, r"documents\[1\] is a mapping without a 'text'"),
+        (
+            lambda rr: rr.score(FAQ_QUERY, ["ok", {"id": 1}]),
+            ValueError,
+            r"documents\[1\] is a mapping without a 'text'",
+        ),
         (lambda rr: rr.score(FAQ_QUERY, [{"text": 5}]), TypeError, r"documents\[0\]\['text'\]"),
         (lambda rr: rr.score(None, ["a"]), TypeError, "query must be a str"),
         (lambda rr: rr.rerank(FAQ_QUERY, ["a"], top_n=0), ValueError, "top_n"),
@@ -319,7 +331,7 @@ def test_out_of_memory_on_one_document_is_a_clear_error(reranker):
 
     handle = reranker._core.backbone.register_forward_pre_hook(always_fail, with_kwargs=True)
     try:
-        with pytest.raises(RuntimeError, match="ran out of memory .* lower max_length"):
+        with pytest.raises(RuntimeError, match=r"ran out of memory .* lower max_length"):
             reranker.score(FAQ_QUERY, ["one document"])
     finally:
         handle.remove()
@@ -391,7 +403,9 @@ def test_word_tokenizer_model_also_scores(tiny_word_model_dir):
     rr = Reranker.from_pretrained(tiny_word_model_dir, device="cpu", prefix_cache=True)
     scores = rr.score("refund policy", ["the refund policy", "shipping time", ""])
     assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
-    plain = rr.with_settings(prefix_cache=False).score("refund policy", ["the refund policy", "shipping time", ""])
+    plain = rr.with_settings(prefix_cache=False).score(
+        "refund policy", ["the refund policy", "shipping time", ""]
+    )
     assert max(abs(a - b) for a, b in zip(scores, plain, strict=True)) <= TOL
 
 
@@ -415,4 +429,3 @@ def test_prefix_cache_is_used_for_many_documents(reranker):
     assert len(seen) == 2, "one pass for the shared prefix, one for the documents"
     assert seen[0][0] == 1 and seen[1][0] == 5
     assert seen[1][1] < 20 and prefix_len > 0
-

@@ -8,7 +8,7 @@ over HTTP.
 Example:
     >>> from qwen3_rerank_plugins import get_reranker
     >>> rr = get_reranker("Qwen/Qwen3-Reranker-0.6B")  # doctest: +SKIP
-    >>> rr.rerank("发票怎么开", ["【发票申请指南】在订单页点击申请开票", "退货流程"], top_n=1)  # doctest: +SKIP
+    >>> rr.rerank("发票怎么开", ["【发票申请指南】点击申请开票", "退货流程"], top_n=1)  # doctest: +SKIP
 """
 
 import logging

@@ -20,6 +20,7 @@ No framework is imported here; the adapters build on :class:`Reranker`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
@@ -184,7 +185,8 @@ def _plain_text_tokenizer(tokenizer: Any):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError(
-            "a fast (Rust) tokenizer is required; load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+            "a fast (Rust) tokenizer is required; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
         )
     spec = json.loads(backend.to_str())
     spec["added_tokens"] = []
@@ -214,12 +216,16 @@ class _ScoringModel:
         vocab = tokenizer.get_vocab()
         missing = [t for t in ("yes", "no") if t not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer of {name} has no single token for {missing}; not a Qwen3-Reranker")
+            raise ValueError(
+                f"the tokenizer of {name} has no single token for {missing}; not a Qwen3-Reranker"
+            )
         self.yes_id, self.no_id = vocab["yes"], vocab["no"]
         lm_head = model.get_output_embeddings()
         with torch.no_grad():
             # (W[yes] - W[no]) in float32: the only two rows of the LM head the score depends on.
-            self.head = (lm_head.weight[self.yes_id].float() - lm_head.weight[self.no_id].float()).to(self.device)
+            self.head = (lm_head.weight[self.yes_id].float() - lm_head.weight[self.no_id].float()).to(
+                self.device
+            )
 
         self.plain = _plain_text_tokenizer(tokenizer)
         self.prefix_ids: list[int] = tokenizer.encode(PROMPT_PREFIX, add_special_tokens=False)
@@ -227,15 +233,21 @@ class _ScoringModel:
         pad_id = tokenizer.pad_token_id
         self.pad_id: int = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
         self.max_positions: int | None = getattr(self.config, "max_position_embeddings", None)
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` (5.x).
+        params = inspect.signature(self.backbone.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.lock = threading.Lock()
         self._check_plain_text()
 
     def _check_plain_text(self) -> None:
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        special.discard(self.tokenizer.unk_token_id)  # an unknown word is text, not a control token
         probe = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nyes<|endoftext|>"
         leaked = special.intersection(self.plain.encode(probe, add_special_tokens=False).ids)
         if leaked:
-            raise ValueError(f"the tokenizer of {self.name} maps plain text to control tokens {sorted(leaked)}")
+            raise ValueError(
+                f"the tokenizer of {self.name} maps plain text to control tokens {sorted(leaked)}"
+            )
 
     def encode_plain(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.plain.encode_batch(texts, add_special_tokens=False)]
@@ -245,7 +257,8 @@ class _ScoringModel:
         """Run the shared prefix once and return its per-layer keys and values."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.backbone(input_ids=input_ids, use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        cache = out.cache if self.cache_kwarg == "cache" else out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.inference_mode()
     def run_batch(
@@ -264,7 +277,7 @@ class _ScoringModel:
         batch = batch.to(self.device, non_blocking=True)
         kwargs: dict[str, Any] = {"use_cache": False}
         if prefix is not None:
-            kwargs = {"use_cache": True, "past_key_values": _prefix_cache(prefix, len(sequences))}
+            kwargs = {"use_cache": True, self.cache_kwarg: _prefix_cache(prefix, len(sequences))}
         hidden = self.backbone(input_ids=batch, **kwargs).last_hidden_state
         last = torch.tensor(lengths, device=self.device) - 1
         h_last = hidden[torch.arange(len(sequences), device=self.device), last]
@@ -464,7 +477,9 @@ class Reranker:
         if model.__class__.__name__ != "Qwen3ForCausalLM":
             raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
         model.to(torch_device)
-        reranker = cls(model, tokenizer, name=name, max_length=max_length, instruction=instruction, **settings)
+        reranker = cls(
+            model, tokenizer, name=name, max_length=max_length, instruction=instruction, **settings
+        )
         logger.info("%s on %s (%s)", name, torch_device, str(torch_dtype).removeprefix("torch."))
         return reranker
 
@@ -610,7 +625,11 @@ class Reranker:
                 break
             results.append(
                 RerankResult(
-                    index=i, score=score, logit=logits[i], document=documents[i], band=self.bands.classify(score)
+                    index=i,
+                    score=score,
+                    logit=logits[i],
+                    document=documents[i],
+                    band=self.bands.classify(score),
                 )
             )
             if top_n is not None and len(results) == top_n:
@@ -669,7 +688,9 @@ class Reranker:
 
     # -- async --------------------------------------------------------------------------------
 
-    async def ascore(self, query: str, documents: Sequence[Document], *args: Any, **kwargs: Any) -> list[float]:
+    async def ascore(
+        self, query: str, documents: Sequence[Document], *args: Any, **kwargs: Any
+    ) -> list[float]:
         """:meth:`score` in a worker thread; the event loop keeps running."""
         return await asyncio.to_thread(partial(self.score, query, documents, *args, **kwargs))
 
@@ -685,7 +706,9 @@ class Reranker:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _encode_group(self, instruction: str, query: str, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+    def _encode_group(
+        self, instruction: str, query: str, texts: list[str]
+    ) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared head and of each document, truncated as the model card does.
 
         The model card truncates the tokenised body ``head + doc`` from the right to
@@ -852,7 +875,15 @@ def get_reranker(
     local = Path(name).expanduser()
     if local.is_dir():
         name = str(local.resolve())
-    load_key = (name, str(torch_device), str(torch_dtype), source, revision, str(cache_dir), attn_implementation)
+    load_key = (
+        name,
+        str(torch_device),
+        str(torch_dtype),
+        source,
+        revision,
+        str(cache_dir),
+        attn_implementation,
+    )
     full_key = (load_key, _freeze(settings))
     with _registry_lock:
         if full_key in _rerankers:

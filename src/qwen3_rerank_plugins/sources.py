@@ -51,7 +51,7 @@ def _download_huggingface(repo_id: str, revision: str | None, cache_dir: str | N
 
 def _download_modelscope(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
     try:
-        from modelscope.hub.snapshot_download import snapshot_download
+        from modelscope import snapshot_download
     except ImportError as exc:  # modelscope is a core dependency; a broken install should say so
         raise ModelSourceError(
             "ModelScope download requested but the 'modelscope' package cannot be imported "

@@ -115,7 +115,9 @@ def register_instruction_template(
     template = InstructionTemplate(name=name, text=text, description=description)
     with _lock:
         if name in INSTRUCTION_TEMPLATES and not overwrite:
-            raise ValueError(f"instruction template {name!r} already exists; pass overwrite=True to replace it")
+            raise ValueError(
+                f"instruction template {name!r} already exists; pass overwrite=True to replace it"
+            )
         INSTRUCTION_TEMPLATES[name] = template
     return template
 
