@@ -1,0 +1,88 @@
+"""The HTTP rerank service (extra ``[server]``: FastAPI, uvicorn, prometheus-client).
+
+Build the app with :func:`create_app` and run it with any ASGI server, or call :func:`serve`
+(what ``qwen3-rerank serve`` does).
+
+Example:
+    >>> from qwen3_rerank_plugins import get_reranker
+    >>> from qwen3_rerank_plugins.server import serve
+    >>> serve(lambda: get_reranker("Qwen/Qwen3-Reranker-0.6B"), host="127.0.0.1", port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._optional import require
+
+require("fastapi", "server", "The HTTP rerank service")
+require("prometheus_client", "server", "The HTTP rerank service")
+
+from .app import DEFAULT_MAX_BODY_BYTES, ServiceState, create_app  # noqa: E402
+from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest  # noqa: E402
+from .metrics import ServiceMetrics  # noqa: E402
+from .schemas import RequestError  # noqa: E402
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "BatcherClosedError",
+    "MicroBatcher",
+    "QueueFullError",
+    "RequestError",
+    "ScoredRequest",
+    "ServiceMetrics",
+    "ServiceState",
+    "create_app",
+    "serve",
+]
+
+
+def serve(
+    reranker_or_factory: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    graceful_timeout: float | None = 30.0,
+    access_log: bool = True,
+    **app_options: Any,
+) -> None:
+    """Run the service with uvicorn until SIGINT or SIGTERM, then shut down gracefully.
+
+    In-flight requests finish (up to ``graceful_timeout`` seconds) and queued ones are scored
+    before the process exits. Logging is left as the caller configured it.
+
+    Args:
+        reranker_or_factory: A loaded Reranker or a zero-argument callable that loads one (the
+            server starts answering ``/health`` with 503 while it loads).
+        host: Interface to bind; ``0.0.0.0`` to accept connections from other machines.
+        port: TCP port.
+        graceful_timeout: Seconds to wait for in-flight requests on shutdown (``None``: no limit).
+        access_log: Log one line per request.
+        **app_options: Passed to :func:`create_app` (``api_key``, ``max_documents``, ...).
+
+    Raises:
+        Exception: Whatever loading the model raised, after the server has stopped.
+    """
+    uvicorn = require("uvicorn", "server", "The HTTP rerank service")
+    failures: list[BaseException] = []
+    server: Any = None
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(reranker_or_factory, on_load_error=stop_on_load_error, **app_options)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=access_log,
+        timeout_graceful_shutdown=graceful_timeout,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if failures:
+        raise failures[0]

@@ -1,0 +1,403 @@
+"""The FastAPI application: rerank endpoints, health, models, metrics.
+
+Endpoints (see ``docs/serving.md`` for the full contract):
+
+* ``POST /v1/rerank`` (also ``/rerank`` and ``/v2/rerank``): the rerank API that Cohere, Jina
+  and vLLM clients speak. ``/rerank`` also answers text-embeddings-inference clients, which send
+  ``texts`` instead of ``documents``.
+* ``POST /rank``: ``{query, documents: [{id, text}]}`` -> ``{results: [{id, score, band}]}``.
+* ``GET /health``: 503 while the model loads, 200 once it serves.
+* ``GET /v1/models``: OpenAI-style list holding the served model.
+* ``GET /metrics``: Prometheus metrics of this app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..results import ConfidenceBands
+from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
+from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .schemas import (
+    RequestError,
+    error_body,
+    parse_json_body,
+    parse_rank,
+    parse_rerank,
+    parse_tei,
+    ranked_order,
+    sigmoid,
+)
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+_RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
+_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics"})
+_RETRY_AFTER_LOADING = "5"
+_RETRY_AFTER_BUSY = "1"
+
+
+class ServiceState:
+    """What one app knows at run time: the model (once loaded), the batcher and the metrics."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+        self.reranker: Any = None
+        self.batcher: MicroBatcher | None = None
+        self.model_name: str | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+
+def create_app(
+    reranker_or_factory: Any,
+    *,
+    api_key: str | None = None,
+    max_documents: int = 1000,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    bands: ConfidenceBands | None = None,
+    batch_wait_ms: float = 2.0,
+    max_batch_pairs: int = 256,
+    max_queue: int = 1024,
+    model_name: str | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the rerank service around a loaded reranker or a function that loads one.
+
+    Args:
+        reranker_or_factory: A loaded :class:`~qwen3_rerank_plugins.Reranker`, or a
+            zero-argument callable returning one. A callable runs in a worker thread when the app
+            starts, so the server answers ``/health`` (503) while the model loads.
+        api_key: When set, every endpoint except ``/health`` and ``/metrics`` requires
+            ``Authorization: Bearer <api_key>`` and answers 401 otherwise.
+        max_documents: Most documents per request; more is answered with 413.
+        max_body_bytes: Largest request body; larger is answered with 413.
+        bands: Score cut-offs for the ``band`` of ``/rank`` results (default 0.85 / 0.70).
+        batch_wait_ms: How long an idle batcher waits for concurrent requests to merge.
+        max_batch_pairs: Most (query, document) pairs merged into one engine call.
+        max_queue: Most requests waiting to be scored; beyond it the service answers 503 with
+            ``Retry-After``.
+        model_name: Name reported in responses and ``/v1/models`` (default: the model's name).
+        on_load_error: Called with the exception if loading the model fails (the command line
+            uses it to stop the server with an error).
+
+    Returns:
+        The FastAPI application; its :class:`ServiceState` is ``app.state.service``.
+
+    Example:
+        >>> from qwen3_rerank_plugins import get_reranker
+        >>> app = create_app(lambda: get_reranker("Qwen/Qwen3-Reranker-0.6B"))  # doctest: +SKIP
+        >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    if isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1:
+        raise ValueError(f"max_documents must be a positive int, got {max_documents!r}")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key must not be empty; pass None to disable authentication")
+    bands = bands or ConfidenceBands()
+    if not isinstance(bands, ConfidenceBands):
+        raise TypeError(f"bands must be a ConfidenceBands, got {type(bands).__name__}")
+    # Validated here so that a bad setting fails at start-up, not at the first request.
+    MicroBatcher(None, max_wait_ms=batch_wait_ms, max_batch_pairs=max_batch_pairs, max_queue=max_queue)
+
+    metrics = ServiceMetrics()
+    state = ServiceState(metrics)
+    loaded = reranker_or_factory if hasattr(reranker_or_factory, "score_pairs") else None
+    if loaded is None and not callable(reranker_or_factory):
+        raise TypeError("create_app needs a Reranker or a zero-argument callable that returns one")
+
+    async def activate(reranker: Any) -> None:
+        batcher = MicroBatcher(
+            reranker,
+            max_wait_ms=batch_wait_ms,
+            max_batch_pairs=max_batch_pairs,
+            max_queue=max_queue,
+            observer=metrics.observe_batch,
+        )
+        await batcher.start()
+        state.reranker = reranker
+        state.model_name = model_name or reranker.model_name
+        device, dtype = str(reranker.device), str(reranker.dtype).removeprefix("torch.")
+        metrics.model_info.labels(state.model_name, device, dtype).set(1)
+        metrics.queue_depth.set_function(lambda: batcher.pending)
+        metrics.model_loaded.set(1)
+        state.batcher = batcher
+        logger.info("Serving %s on %s (%s)", state.model_name, device, dtype)
+
+    async def load_in_background() -> None:
+        try:
+            reranker = await asyncio.to_thread(reranker_or_factory)
+            if not hasattr(reranker, "score_pairs"):
+                raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
+            await activate(reranker)
+        except Exception as exc:
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("Could not load the model: %s", state.load_error)
+            if on_load_error is not None:
+                on_load_error(exc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader: asyncio.Task[None] | None = None
+        if loaded is not None:
+            await activate(loaded)
+        else:
+            loader = asyncio.create_task(load_in_background(), name="qwen3-rerank-load")
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            if state.batcher is not None:
+                # uvicorn has already waited for in-flight requests; finish whatever is queued.
+                await state.batcher.close()
+                logger.info("Batcher drained; shutting down")
+
+    app = FastAPI(
+        title="Qwen3-Reranker service",
+        summary="Rerank documents for a query with Qwen3-Reranker (Cohere/Jina/vLLM-compatible /v1/rerank).",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(exc.detail), status_code=exc.status_code, type="http_error"),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError(
+                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                status_code=401,
+                type="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large(int(declared), max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _too_large(size, max_body_bytes)
+            chunks.append(chunk)
+        return parse_json_body(b"".join(chunks))
+
+    async def score(
+        query: str, texts: list[str], instruction: str | None, count_tokens: bool
+    ) -> ScoredRequest:
+        batcher = state.batcher
+        if batcher is None:
+            if state.load_error is not None:
+                raise RequestError(
+                    f"the model failed to load: {state.load_error}", status_code=503, type="model_unavailable"
+                )
+            raise RequestError(
+                "the model is still loading; retry shortly",
+                status_code=503,
+                type="model_loading",
+                headers={"Retry-After": _RETRY_AFTER_LOADING},
+            )
+        try:
+            return await batcher.submit(query, texts, instruction, count_tokens=count_tokens)
+        except QueueFullError as exc:
+            raise RequestError(
+                f"the service is overloaded ({exc}); retry shortly",
+                status_code=503,
+                type="overloaded",
+                headers={"Retry-After": _RETRY_AFTER_BUSY},
+            ) from exc
+        except BatcherClosedError as exc:
+            raise RequestError(
+                "the service is shutting down",
+                status_code=503,
+                type="shutting_down",
+                headers={"Retry-After": _RETRY_AFTER_BUSY},
+            ) from exc
+        except (ValueError, TypeError) as exc:
+            raise RequestError(str(exc), status_code=422) from exc
+        except Exception as exc:
+            logger.exception("scoring failed")
+            raise RequestError(
+                f"scoring failed: {type(exc).__name__}: {exc}", status_code=500, type="internal_error"
+            ) from exc
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    @app.get("/health", summary="503 while the model loads, 200 once it serves")
+    async def health() -> JSONResponse:
+        if state.ready:
+            reranker = state.reranker
+            return JSONResponse(
+                {
+                    "status": "ok",
+                    "model": state.model_name,
+                    "device": str(reranker.device),
+                    "dtype": str(reranker.dtype).removeprefix("torch."),
+                    "queue": state.batcher.pending if state.batcher else 0,
+                }
+            )
+        status = "error" if state.load_error else "loading"
+        body: dict[str, Any] = {"status": status}
+        if state.load_error:
+            body["error"] = state.load_error
+        headers = None if state.load_error else {"Retry-After": _RETRY_AFTER_LOADING}
+        return JSONResponse(body, status_code=503, headers=headers)
+
+    @app.get("/v1/models", summary="OpenAI-style list of the served model")
+    async def models(request: Request) -> JSONResponse:
+        check_auth(request)
+        data = []
+        if state.model_name is not None:
+            data.append(
+                {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "qwen"}
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    async def rerank(request: Request) -> Response:
+        check_auth(request)
+        body = await read_json(request)
+        if request.url.path == "/rerank" and "texts" in body and "documents" not in body:
+            return await rerank_tei(body)
+        req = parse_rerank(body, max_documents=max_documents)
+        scored = await score(req.query, req.texts, req.instruction, count_tokens=True)
+        results = []
+        for i in ranked_order(scored.logits, req.top_n):
+            item: dict[str, Any] = {"index": i, "relevance_score": sigmoid(scored.logits[i])}
+            if req.return_documents:
+                item["document"] = {"text": req.texts[i]}
+            results.append(item)
+        tokens = scored.total_tokens or 0
+        return JSONResponse(
+            {
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "model": state.model_name,
+                "usage": {"total_tokens": tokens},
+                "results": results,
+                "meta": {"tokens": {"input_tokens": tokens, "output_tokens": 0}},
+            }
+        )
+
+    async def rerank_tei(body: dict[str, Any]) -> Response:
+        req = parse_tei(body, max_documents=max_documents)
+        scored = await score(req.query, req.texts, req.instruction, count_tokens=False)
+        out = []
+        for i in ranked_order(scored.logits, None):
+            logit = scored.logits[i]
+            item: dict[str, Any] = {"index": i, "score": logit if req.raw_scores else sigmoid(logit)}
+            if req.return_text:
+                item["text"] = req.texts[i]
+            out.append(item)
+        return JSONResponse(out)
+
+    for path in _RERANK_PATHS:
+        app.add_api_route(
+            path,
+            rerank,
+            methods=["POST"],
+            summary="Rerank documents (Cohere / Jina / vLLM request and response shape)",
+            include_in_schema=path == "/v1/rerank",
+        )
+
+    @app.post("/rank", summary="Rank {id, text} records; results carry ids, scores and bands")
+    async def rank(request: Request) -> JSONResponse:
+        check_auth(request)
+        body = await read_json(request)
+        req = parse_rank(body, max_documents=max_documents)
+        scored = await score(req.query, req.texts, req.instruction, count_tokens=False)
+        results = []
+        for i in ranked_order(scored.logits, req.top_n):
+            value = sigmoid(scored.logits[i])
+            results.append({"id": req.ids[i], "index": i, "score": value, "band": bands.classify(value)})
+        return JSONResponse({"model": state.model_name, "results": results})
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _error_response(exc: RequestError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.message, status_code=exc.status_code, param=exc.param, type=exc.type),
+        status_code=exc.status_code,
+        headers=exc.headers or None,
+    )
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(
+        f"request body is {size} bytes or more; this service accepts at most {limit} bytes",
+        status_code=413,
+        type="body_too_large",
+    )
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class _MetricsMiddleware:
+    """Counts every HTTP response by endpoint and status and times it (pure ASGI, no buffering)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in _KNOWN_PATHS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

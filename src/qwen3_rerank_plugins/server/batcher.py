@@ -1,0 +1,237 @@
+"""Micro-batching: concurrent requests merged into few engine calls.
+
+Each request's (query, document) pairs wait in a bounded queue. A single worker takes whole
+requests from the queue, up to ``max_batch_pairs`` pairs, and scores them with one
+:meth:`Reranker.score_pairs` call per instruction in a worker thread, so the event loop never
+blocks. While one batch runs, the next requests pile up and are taken together as soon as it
+finishes: the busier the service, the larger the batches and the higher the throughput. When the
+worker is idle, it waits ``max_wait_ms`` after the first request so that requests arriving
+together are merged too.
+
+Merging is exact: the engine groups pairs by (instruction, query) and reuses each query's prefix
+cache, so a request's scores do not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatcherClosedError", "MicroBatcher", "QueueFullError", "ScoredRequest"]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds ``max_queue`` requests already; the caller should retry later."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class ScoredRequest:
+    """What one request gets back: log-odds in input order, and its prompt tokens when asked for."""
+
+    logits: list[float]
+    total_tokens: int | None = None
+
+
+@dataclass
+class _Pending:
+    query: str
+    texts: list[str]
+    instruction: str | None
+    count_tokens: bool
+    future: asyncio.Future[ScoredRequest]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+#: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
+BatchObserver = Callable[[int, int, float], None]
+
+
+class MicroBatcher:
+    """Merge concurrent scoring requests into batched engine calls.
+
+    Args:
+        reranker: A loaded :class:`~qwen3_rerank_plugins.Reranker` (anything with its
+            ``score_pairs`` and ``count_tokens``).
+        max_wait_ms: How long an idle worker waits after the first request for others to join.
+        max_batch_pairs: Most pairs merged into one batch; a larger single request still runs
+            whole (the engine splits it by its token budget).
+        max_queue: Most requests waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
+        observer: Optional callback ``(requests, pairs, seconds)`` after every engine call.
+
+    Example:
+        >>> batcher = MicroBatcher(reranker)  # doctest: +SKIP
+        >>> await batcher.start()  # doctest: +SKIP
+        >>> (await batcher.submit("发票怎么开", ["开票指南", "退货政策"])).logits  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        reranker: Any,
+        *,
+        max_wait_ms: float = 2.0,
+        max_batch_pairs: int = 256,
+        max_queue: int = 1024,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_batch_pairs < 1:
+            raise ValueError(f"max_batch_pairs must be >= 1, got {max_batch_pairs}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.reranker = reranker
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_batch_pairs = max_batch_pairs
+        self.max_queue = max_queue
+        self.observer = observer
+        self._items: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue (not counting the batch being scored)."""
+        return len(self._items)
+
+    async def start(self) -> None:
+        """Start the worker on the running event loop."""
+        if self._worker is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3-rerank-batch")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="qwen3-rerank-batcher")
+
+    async def submit(
+        self, query: str, texts: list[str], instruction: str | None = None, *, count_tokens: bool = False
+    ) -> ScoredRequest:
+        """Queue one request and wait for its scores.
+
+        Raises:
+            QueueFullError: ``max_queue`` requests are already waiting.
+            BatcherClosedError: The batcher is closing or was never started.
+        """
+        if self._closing or self._worker is None or self._wakeup is None:
+            raise BatcherClosedError("the service is shutting down")
+        if len(self._items) >= self.max_queue:
+            raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
+        future: asyncio.Future[ScoredRequest] = asyncio.get_running_loop().create_future()
+        self._items.append(_Pending(query, texts, instruction, count_tokens, future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued one, then stop the worker."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- worker -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            was_idle = not self._items
+            while not self._items:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if was_idle and self.max_wait > 0 and not self._closing:
+                # Requests that arrive together are merged even when the service is quiet.
+                await asyncio.sleep(self.max_wait)
+            batch = self._take()
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._score_batch, batch)
+            except asyncio.CancelledError:
+                for item in batch:
+                    item.future.cancel()
+                raise
+            except Exception as exc:  # the worker must never leave a request waiting
+                outcomes = [exc] * len(batch)
+            self._settle(batch, outcomes)
+
+    def _take(self) -> list[_Pending]:
+        batch = [self._items.popleft()]
+        pairs = len(batch[0].texts)
+        while self._items and pairs + len(self._items[0].texts) <= self.max_batch_pairs:
+            item = self._items.popleft()
+            batch.append(item)
+            pairs += len(item.texts)
+        return batch
+
+    @staticmethod
+    def _settle(batch: list[_Pending], outcomes: list[ScoredRequest | Exception]) -> None:
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.future.done():  # the client went away
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    def _score_batch(self, batch: list[_Pending]) -> list[ScoredRequest | Exception]:
+        """Runs in the worker thread: one engine call per instruction present in the batch."""
+        groups: dict[str | None, list[int]] = {}
+        for i, item in enumerate(batch):
+            groups.setdefault(item.instruction, []).append(i)
+        outcomes: list[ScoredRequest | Exception] = [RuntimeError("not scored")] * len(batch)
+        for instruction, members in groups.items():
+            items = [batch[i] for i in members]
+            try:
+                results = self._score_group(instruction, items)
+            except Exception as exc:
+                if len(items) == 1:
+                    results = [exc]
+                else:
+                    # Score each request alone so that one failure does not fail its neighbours.
+                    logger.warning(
+                        "a merged batch of %d requests failed (%s); retrying one by one", len(items), exc
+                    )
+                    results = []
+                    for item in items:
+                        try:
+                            results.extend(self._score_group(instruction, [item]))
+                        except Exception as single_exc:
+                            results.append(single_exc)
+            for i, outcome in zip(members, results, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    def _score_group(self, instruction: str | None, items: list[_Pending]) -> list[ScoredRequest]:
+        pairs = [(item.query, text) for item in items for text in item.texts]
+        start = time.perf_counter()
+        logits = self.reranker.score_pairs(pairs, instruction, return_logits=True)
+        elapsed = time.perf_counter() - start
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer(len(items), len(pairs), elapsed)
+        out, offset = [], 0
+        for item in items:
+            n = len(item.texts)
+            tokens = (
+                self.reranker.count_tokens(item.query, item.texts, instruction) if item.count_tokens else None
+            )
+            out.append(ScoredRequest(logits=list(logits[offset : offset + n]), total_tokens=tokens))
+            offset += n
+        return out

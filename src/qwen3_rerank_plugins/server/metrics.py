@@ -1,0 +1,77 @@
+"""Prometheus metrics of one service instance, in its own registry.
+
+Every app gets a fresh :class:`prometheus_client.CollectorRegistry`, so several apps (tests,
+one process serving two models) never collide over metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class ServiceMetrics:
+    """The service's counters and histograms (all prefixed ``qwen3_rerank_``).
+
+    Attributes:
+        requests: ``requests_total{endpoint, status}`` HTTP requests answered.
+        latency: ``request_duration_seconds{endpoint}`` time from request to response.
+        pairs: ``pairs_scored_total`` (query, document) pairs scored.
+        batch_pairs: ``batch_pairs`` pairs per engine call.
+        batch_requests: ``batch_requests`` requests merged into one engine call.
+        batch_seconds: ``batch_duration_seconds`` time in the engine per call.
+        queue_depth: ``queue_depth`` requests waiting to be scored.
+        model_loaded: ``model_loaded`` 1 once the model is ready.
+        model_info: ``model_info{model, device, dtype}`` constant 1.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "qwen3_rerank_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "qwen3_rerank_request_duration_seconds",
+            "Time from request to response",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pairs = Counter("qwen3_rerank_pairs_scored", "(query, document) pairs scored", registry=r)
+        self.batch_pairs = Histogram(
+            "qwen3_rerank_batch_pairs", "Pairs per engine call", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "qwen3_rerank_batch_requests",
+            "Requests merged into one engine call",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "qwen3_rerank_batch_duration_seconds",
+            "Engine time per call",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("qwen3_rerank_queue_depth", "Requests waiting to be scored", registry=r)
+        self.model_loaded = Gauge("qwen3_rerank_model_loaded", "1 once the model is loaded", registry=r)
+        self.model_info = Gauge(
+            "qwen3_rerank_model_info", "The loaded model", ["model", "device", "dtype"], registry=r
+        )
+
+    def observe_batch(self, requests: int, pairs: int, seconds: float) -> None:
+        """Record one engine call (the batcher's observer)."""
+        self.pairs.inc(pairs)
+        self.batch_pairs.observe(pairs)
+        self.batch_requests.observe(requests)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
