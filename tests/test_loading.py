@@ -129,6 +129,36 @@ def test_real_offline_hub_call_fails_cleanly(tmp_path, monkeypatch):
         resolve_model_dir("Qwen/Qwen3-Reranker-0.6B", source="huggingface", cache_dir=tmp_path)
 
 
+def test_unresolvable_hub_uses_only_its_cache(tiny_model_dir, monkeypatch, caplog):
+    # ".invalid" never resolves: the hub is surely offline, so only its local cache is asked.
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://modelscope.invalid")
+    asked = []
+
+    def hf_snapshot(repo_id, local_files_only=False, **kwargs):
+        asked.append(("huggingface", local_files_only))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached snapshot")
+
+    def ms_snapshot(model_id, local_files_only=False, **kwargs):
+        asked.append(("modelscope", local_files_only))
+        return str(tiny_model_dir)  # a copy cached by an earlier download
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hf_snapshot)
+    monkeypatch.setattr(ms_download, "snapshot_download", ms_snapshot)
+    with caplog.at_level("INFO", logger="qwen3_rerank_plugins"):
+        assert resolve_model_dir("Qwen/Qwen3-Reranker-0.6B") == (tiny_model_dir, "modelscope")
+    assert asked == [("huggingface", True), ("modelscope", True)]
+    assert "cannot resolve hub.invalid" in caplog.text
+
+    # Behind a proxy the local resolver proves nothing: the hub is really asked.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    asked.clear()
+    resolve_model_dir("Qwen/Qwen3-Reranker-0.6B")
+    assert asked == [("huggingface", False), ("modelscope", False)]
+
+
 def test_unknown_source():
     with pytest.raises(ValueError, match="source must be one of"):
         resolve_model_dir("Qwen/Qwen3-Reranker-0.6B", source="s3")

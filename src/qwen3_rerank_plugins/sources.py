@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 __all__ = ["MODEL_FILE_PATTERNS", "ModelSourceError", "resolve_model_dir", "validate_model_dir"]
 
@@ -36,7 +38,41 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
-def _download_huggingface(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _huggingface_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _modelscope_endpoint() -> str:
+    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "modelscope.cn"
+    return endpoint if "://" in endpoint else f"https://{endpoint}"
+
+
+def _host_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint``'s host surely cannot be reached, or ``None`` if it may be.
+
+    A host name that does not resolve (and no proxy that could resolve it for us) is a definite
+    "offline": the hub clients would otherwise retry with back-off for half a minute.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    host = urlparse(endpoint).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host} ({exc})"
+    return None
+
+
+def _download_huggingface(
+    repo_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool = False
+) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(
@@ -45,11 +81,14 @@ def _download_huggingface(repo_id: str, revision: str | None, cache_dir: str | N
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=MODEL_FILE_PATTERNS,
+            local_files_only=local_files_only,
         )
     )
 
 
-def _download_modelscope(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+def _download_modelscope(
+    repo_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool = False
+) -> Path:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:  # modelscope is a core dependency; a broken install should say so
@@ -63,11 +102,13 @@ def _download_modelscope(repo_id: str, revision: str | None, cache_dir: str | No
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=MODEL_FILE_PATTERNS,
+            local_files_only=local_files_only,
         )
     )
 
 
 _DOWNLOADERS = {"huggingface": _download_huggingface, "modelscope": _download_modelscope}
+_ENDPOINTS = {"huggingface": _huggingface_endpoint, "modelscope": _modelscope_endpoint}
 
 
 def resolve_model_dir(
@@ -81,7 +122,9 @@ def resolve_model_dir(
 
     ``source="auto"`` uses an existing local directory if ``model`` is one; otherwise it tries the
     Hugging Face hub, then ModelScope, and logs which one served the files. Downloads are cached
-    by the hub libraries, so the second start needs no network. The default source can be set
+    by the hub libraries, so the second start needs no network. A hub whose host name does not
+    resolve (no network, no proxy) is not retried: only its local cache is looked at, so an
+    offline start fails (or falls back) in about a second. The default source can be set
     with the environment variable ``QWEN3_RERANK_SOURCE`` (e.g. ``modelscope`` in mainland China).
 
     Args:
@@ -122,11 +165,15 @@ def resolve_model_dir(
     order = ["huggingface", "modelscope"] if source == "auto" else [source]
     failures: list[str] = []
     for candidate in order:
+        offline = _host_unreachable(_ENDPOINTS[candidate]())
+        if offline:
+            logger.info("%s is unreachable (%s); looking in its local cache only", candidate, offline)
         try:
-            path = _DOWNLOADERS[candidate](name, revision, cache)
+            path = _DOWNLOADERS[candidate](name, revision, cache, local_files_only=bool(offline))
         except Exception as exc:
-            logger.warning("Could not get %s from %s: %s", name, candidate, exc)
-            failures.append(f"{candidate}: {type(exc).__name__}: {exc}")
+            reason = f"{offline}; no cached copy: {exc}" if offline else str(exc)
+            logger.warning("Could not get %s from %s: %s", name, candidate, reason)
+            failures.append(f"{candidate}: {type(exc).__name__}: {reason}")
             continue
         logger.info("Loading %s from %s (%s)", name, candidate, path)
         return path, candidate
