@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field
 
+from ._adapters import EngineSettings
 from ._optional import require
-from .engine import Reranker, get_reranker
 from .results import RerankResult
-from .templates import InstructionTemplate, resolve_instruction
 
 try:
     from langchain_core.callbacks import Callbacks
@@ -51,90 +48,6 @@ __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
-# Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
-_LOAD_FIELDS = ("model", "device", "dtype", "source")
-
-
-class _Qwen3EngineSettings(BaseModel):
-    """Fields shared by the compressor and the cross-encoder: which engine, with what settings."""
-
-    model_config = ConfigDict(
-        arbitrary_types_allowed=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-    )
-
-    model: str = DEFAULT_MODEL
-    """Hub id (``"Qwen/Qwen3-Reranker-4B"``) or local directory of a Qwen3-Reranker."""
-    reranker: Reranker | None = None
-    """An existing engine to use instead of loading one from ``model``. Cannot be combined with
-    ``model``, ``device``, ``dtype`` or ``source``."""
-    instruction: str | InstructionTemplate | None = None
-    """Instruction template name (e.g. ``"similar_ticket"``), free English text, or ``None`` for
-    the engine's default (the model card's instruction unless the engine was given another)."""
-    device: str = "auto"
-    """``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``."""
-    dtype: str = "auto"
-    """``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
-    source: str = "auto"
-    """Where to get the weights: ``"auto"``, ``"local"``, ``"huggingface"`` or ``"modelscope"``."""
-    max_length: int | None = Field(default=None, gt=0)
-    """Maximum prompt tokens per (query, document) pair; ``None`` keeps the engine's (8192 for a
-    new one). Only the document is truncated, never the template."""
-    batch_tokens: int | None = Field(default=None, gt=0)
-    """Token budget of one forward pass; ``None`` keeps the engine's device default."""
-
-    _engine: Reranker = PrivateAttr()
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _path_to_str(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-    @field_validator("device", "dtype", mode="before")
-    @classmethod
-    def _torch_to_str(cls, value: Any) -> Any:
-        if isinstance(value, torch.device):
-            return str(value)
-        if isinstance(value, torch.dtype):
-            return str(value).removeprefix("torch.")
-        return value
-
-    @field_validator("instruction")
-    @classmethod
-    def _check_instruction(cls, value: str | InstructionTemplate | None) -> str | InstructionTemplate | None:
-        resolve_instruction(value)  # raises on an empty instruction, before any document is scored
-        return value
-
-    @model_validator(mode="after")
-    def _attach_engine(self) -> _Qwen3EngineSettings:
-        overrides = {
-            name: getattr(self, name)
-            for name in ("max_length", "batch_tokens")
-            if getattr(self, name) is not None
-        }
-        if self.reranker is not None:
-            clashing = sorted(set(_LOAD_FIELDS) & self.model_fields_set)
-            if clashing:
-                raise ValueError(
-                    f"pass either reranker= or {', '.join(clashing)}=, not both: "
-                    "the reranker's model is already loaded"
-                )
-            # Other settings over the same loaded weights.
-            self._engine = self.reranker.with_settings(**overrides) if overrides else self.reranker
-        else:
-            self._engine = get_reranker(
-                self.model, device=self.device, dtype=self.dtype, source=self.source, **overrides
-            )
-        logger.debug("%s uses %r", type(self).__name__, self._engine)
-        return self
-
-    @property
-    def engine(self) -> Reranker:
-        """The :class:`~qwen3_rerank_plugins.Reranker` that does the scoring."""
-        return self._engine
-
 
 def _reranked_copy(doc: Document, result: RerankResult) -> Document:
     """A copy of ``doc`` (same class, id and page content) with the score in its metadata."""
@@ -148,7 +61,7 @@ def _reranked_copy(doc: Document, result: RerankResult) -> Document:
     return doc.model_copy(update={"metadata": metadata})
 
 
-class Qwen3RerankCompressor(_Qwen3EngineSettings, BaseDocumentCompressor):
+class Qwen3RerankCompressor(EngineSettings, BaseDocumentCompressor):
     """Rerank retrieved documents with Qwen3-Reranker, for ``ContextualCompressionRetriever``.
 
     Documents are scored on their ``page_content``. The result is new ``Document`` objects,
@@ -226,7 +139,7 @@ class Qwen3RerankCompressor(_Qwen3EngineSettings, BaseDocumentCompressor):
         return [_reranked_copy(documents[r.index], r) for r in results]
 
 
-class Qwen3CrossEncoder(_Qwen3EngineSettings, BaseCrossEncoder):
+class Qwen3CrossEncoder(EngineSettings, BaseCrossEncoder):
     """Qwen3-Reranker as a LangChain ``BaseCrossEncoder`` (for ``CrossEncoderReranker``).
 
     Example:

@@ -1,0 +1,148 @@
+"""What the framework adapters share: the fields that choose and tune their engine.
+
+The LlamaIndex postprocessor and the LangChain compressor / cross-encoder are pydantic models
+that inherit :class:`EngineSettings`. It turns their ``model`` / ``device`` / ``dtype`` /
+``source`` fields into an engine from :func:`~qwen3_rerank_plugins.get_reranker` (so adapters
+with equal model arguments share one loaded model), or takes an existing engine as
+``reranker=``. No framework is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from . import engine as _engine_module
+from .engine import Reranker, get_reranker
+from .templates import InstructionTemplate, resolve_instruction
+
+__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "EngineSettings", "load_arguments"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+#: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
+LOAD_FIELDS = ("model", "device", "dtype", "source")
+
+
+def load_arguments(engine: Reranker) -> dict[str, str] | None:
+    """The ``get_reranker`` arguments that load ``engine``'s weights, or ``None`` if unknown.
+
+    Known for weights that :func:`~qwen3_rerank_plugins.get_reranker` loaded with the default
+    revision, cache and attention; an engine built by hand has no such arguments.
+    """
+    with _engine_module._registry_lock:
+        keys = [key for key, core in _engine_module._models.items() if core is engine._core]
+    for name, device, dtype, source, revision, cache_dir, attn in keys:
+        if revision is None and cache_dir == "None" and attn == "sdpa":
+            return {"model": name, "device": device, "dtype": dtype.removeprefix("torch."), "source": source}
+    return None
+
+
+class EngineSettings(BaseModel):
+    """Fields shared by the adapters: which engine, with what settings."""
+
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    model: str | None = DEFAULT_MODEL
+    """Hub id (``"Qwen/Qwen3-Reranker-4B"``) or local directory of a Qwen3-Reranker."""
+    reranker: Reranker | None = Field(default=None, exclude=True)
+    """An existing engine to use instead of loading one from ``model``. Cannot be combined with
+    ``model``, ``device``, ``dtype`` or ``source``; never serialised."""
+    instruction: str | InstructionTemplate | None = None
+    """Instruction template name (e.g. ``"similar_ticket"``), free English text, or ``None`` for
+    the engine's default (the model card's instruction unless the engine was given another)."""
+    device: str = "auto"
+    """``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``."""
+    dtype: str = "auto"
+    """``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+    source: str = "auto"
+    """Where to get the weights: ``"auto"``, ``"local"``, ``"huggingface"`` or ``"modelscope"``."""
+    max_length: int | None = Field(default=None, gt=0)
+    """Maximum prompt tokens per (query, document) pair; ``None`` keeps the engine's (8192 for a
+    new one). Only the document is truncated, never the template."""
+    batch_tokens: int | None = Field(default=None, gt=0)
+    """Token budget of one forward pass; ``None`` keeps the engine's device default."""
+
+    _engine: Reranker = PrivateAttr()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("device", "dtype", mode="before")
+    @classmethod
+    def _torch_to_str(cls, value: Any) -> Any:
+        if isinstance(value, torch.device):
+            return str(value)
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+        return value
+
+    @field_validator("instruction")
+    @classmethod
+    def _check_instruction(cls, value: str | InstructionTemplate | None) -> str | InstructionTemplate | None:
+        resolve_instruction(value)  # raises on an empty instruction, before any document is scored
+        return value
+
+    @model_validator(mode="after")
+    def _attach_engine(self) -> EngineSettings:
+        overrides = {
+            name: getattr(self, name)
+            for name in ("max_length", "batch_tokens")
+            if getattr(self, name) is not None
+        }
+        if self.reranker is not None:
+            clashing = sorted(set(LOAD_FIELDS) & self.model_fields_set)
+            if clashing:
+                raise ValueError(
+                    f"pass either reranker= or {', '.join(clashing)}=, not both: "
+                    "the reranker's model is already loaded"
+                )
+            # Other settings over the same loaded weights.
+            self._engine = self.reranker.with_settings(**overrides) if overrides else self.reranker
+        elif self.model is None:
+            raise ValueError(
+                "model is None: this configuration was saved from an engine passed as reranker=, "
+                "which is not serialised; pass that engine again as reranker= "
+                "(e.g. Qwen3Rerank.from_dict(data, reranker=engine))"
+            )
+        else:
+            self._engine = get_reranker(
+                self.model, device=self.device, dtype=self.dtype, source=self.source, **overrides
+            )
+        logger.debug("%s uses %r", type(self).__name__, self._engine)
+        return self
+
+    @property
+    def engine(self) -> Reranker:
+        """The :class:`~qwen3_rerank_plugins.Reranker` that does the scoring."""
+        return self._engine
+
+    def engine_fields(self) -> dict[str, Any]:
+        """Field values that stand for ``reranker=`` in a saved configuration.
+
+        Empty for an adapter built from model arguments: its own fields already re-create its
+        engine through ``get_reranker``. For one built on ``reranker=`` (which is never
+        serialised): the arguments that loaded the engine's weights (``model`` is ``None`` when
+        they are unknown, e.g. for an engine built by hand) and the engine's effective
+        ``max_length``, ``batch_tokens`` and, unless set here, ``instruction``, so that scores
+        stay the same.
+        """
+        if self.reranker is None:
+            return {}
+        fields: dict[str, Any] = load_arguments(self._engine) or {"model": None}
+        fields["max_length"] = self._engine.max_length
+        fields["batch_tokens"] = self._engine.batch_tokens
+        if self.instruction is None:
+            fields["instruction"] = self._engine.instruction
+        return fields
