@@ -26,7 +26,7 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .results import ConfidenceBands
@@ -49,6 +49,13 @@ _DEMO_WARNING = (
 
 class CommandError(Exception):
     """A user error the command reports as ``error: <message>`` (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors take one line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # -- shared options and model loading --------------------------------------------------------------
@@ -468,7 +475,7 @@ def _add_unavailable(subparsers: Any, name: str, exc: BaseException) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``qwen3-rerank`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwen3-rerank",
         description="Qwen3-Reranker from the command line: rank, serve over HTTP, web page.",
     )

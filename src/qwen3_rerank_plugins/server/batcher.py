@@ -161,6 +161,8 @@ class MicroBatcher:
                 # Requests that arrive together are merged even when the service is quiet.
                 await asyncio.sleep(self.max_wait)
             batch = self._take()
+            if not batch:
+                continue
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._score_batch, batch)
             except asyncio.CancelledError:
@@ -172,11 +174,17 @@ class MicroBatcher:
             self._settle(batch, outcomes)
 
     def _take(self) -> list[_Pending]:
-        batch = [self._items.popleft()]
-        pairs = len(batch[0].texts)
-        while self._items and pairs + len(self._items[0].texts) <= self.max_batch_pairs:
-            item = self._items.popleft()
-            batch.append(item)
+        """Whole requests from the front of the queue, up to ``max_batch_pairs`` pairs (at least one)."""
+        batch: list[_Pending] = []
+        pairs = 0
+        while self._items:
+            item = self._items[0]
+            if item.future.done():  # its client went away while it waited: nothing to score
+                self._items.popleft()
+                continue
+            if batch and pairs + len(item.texts) > self.max_batch_pairs:
+                break
+            batch.append(self._items.popleft())
             pairs += len(item.texts)
         return batch
 

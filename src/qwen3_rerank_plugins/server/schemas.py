@@ -150,16 +150,19 @@ def _query(body: Mapping[str, Any]) -> str:
 
 
 def _top_n(body: Mapping[str, Any]) -> int | None:
+    """``top_n``: absent, null or 0 (vLLM's default) mean every document."""
     top_n = body.get("top_n")
     if top_n is None:
         return None
     if isinstance(top_n, float) and top_n.is_integer():
         top_n = int(top_n)
     if isinstance(top_n, bool) or not isinstance(top_n, int):
-        raise RequestError(f"top_n must be a positive integer, got {_json_type(top_n)}", param="top_n")
-    if top_n <= 0:
-        raise RequestError(f"top_n must be a positive integer, got {top_n}", param="top_n")
-    return top_n
+        raise RequestError(
+            f"top_n must be a non-negative integer (0: all), got {_json_type(top_n)}", param="top_n"
+        )
+    if top_n < 0:
+        raise RequestError(f"top_n must be a non-negative integer (0: all), got {top_n}", param="top_n")
+    return top_n or None
 
 
 def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -238,7 +241,10 @@ def parse_rerank(body: Mapping[str, Any], *, max_documents: int) -> RerankReques
 
 
 def parse_tei(body: Mapping[str, Any], *, max_documents: int) -> TeiRerankRequest:
-    """Validate a text-embeddings-inference ``/rerank`` body: ``{query, texts, raw_scores?, return_text?}``."""
+    """Validate a text-embeddings-inference ``/rerank`` body.
+
+    The body is ``{query, texts, raw_scores?, return_text?}``.
+    """
     query = _query(body)
     docs = _document_list(body, "texts", max_documents)
     texts = []
