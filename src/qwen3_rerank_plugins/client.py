@@ -1,31 +1,79 @@
-"""Python client for the rerank service (``qwen3-rerank serve``), sync and async, over httpx.
+"""Python client for rerank services, sync and async, over httpx.
 
 Example:
-    >>> from qwen3_rerank_plugins.client import RerankClient
+    >>> from qwen3_rerank_plugins.client import AsyncRerankClient, RerankClient
     >>> with RerankClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
     ...     hits = client.rerank("发票怎么开", ["【发票申请指南】在订单页申请开票", "退货流程"], top_n=1)
     ...     hits[0].index, hits[0].relevance_score
     >>> async with AsyncRerankClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
     ...     ranked = await client.rank("路灯不亮", [{"id": "T-17", "text": "小区路灯坏了"}])
 
-Both clients speak the service's two endpoints: ``/v1/rerank`` (the Cohere / Jina / vLLM shape,
-any such server works) and ``/rank`` (``{id, text}`` records with bands, this service only).
-Every failure raises :class:`RerankServiceError` carrying the server's message.
+Both clients speak two endpoints: ``/v1/rerank`` (the Cohere / Jina / vLLM shape: this project's
+``qwen3-rerank serve``, vLLM serving Qwen3-Reranker, or any such server) and ``/rank``
+(``{id, text}`` records with bands, this project's service only).
+
+Built for a pool of replicas behind a load balancer:
+
+* **Timeouts**: ``timeout`` seconds per request, ``connect_timeout`` to open a connection.
+* **Retries** with exponential backoff and jitter on connection errors, 5xx answers and 429,
+  honouring the server's ``Retry-After`` (see :class:`RetryPolicy`). Reranking is idempotent,
+  so a retried request can do no harm. A read timeout is not retried: the server is busy, and
+  asking again would double its work.
+* **Splitting**: a long document list is sent as several requests of at most ``batch_size``
+  documents (``max_concurrency`` in flight at once, so they spread over the replicas) and the
+  results are merged as one answer: indices refer to the whole input, ties keep input order.
+* **Clear errors**: every failure raises :class:`RerankServiceError` carrying the status, the
+  server's message and the field it named, or says the service could not be reached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
 
 httpx = require("httpx", "server", "The rerank service client")
 
-__all__ = ["AsyncRerankClient", "RankHit", "RerankClient", "RerankHit", "RerankServiceError"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_TIMEOUT",
+    "AsyncRerankClient",
+    "RankHit",
+    "RerankClient",
+    "RerankHit",
+    "RerankServiceError",
+    "RetryPolicy",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Documents per request; well under the service's default limit of 1000 per request.
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_MAX_CONCURRENCY = 4
+
+# Failures to connect or a connection dropped mid-request; a read timeout is deliberately absent.
+_RETRYABLE_ERRORS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
+# 5xx that no retry can fix.
+_PERMANENT_5XX = frozenset({501, 505})
 
 
 class RerankServiceError(RuntimeError):
@@ -36,6 +84,7 @@ class RerankServiceError(RuntimeError):
         message: The server's error message (or the connection error).
         param: The request field the server named, if any (e.g. ``"documents[3]"``).
         type: The server's error type (``"invalid_request_error"``, ``"overloaded"``, ...).
+        attempts: How many times the request was sent.
     """
 
     def __init__(
@@ -45,6 +94,7 @@ class RerankServiceError(RuntimeError):
         status_code: int | None = None,
         param: str | None = None,
         type: str | None = None,
+        attempts: int = 1,
     ) -> None:
         prefix = f"HTTP {status_code}: " if status_code is not None else ""
         super().__init__(prefix + message)
@@ -52,6 +102,7 @@ class RerankServiceError(RuntimeError):
         self.message = message
         self.param = param
         self.type = type
+        self.attempts = attempts
 
 
 @dataclass(frozen=True)
@@ -73,24 +124,91 @@ class RankHit:
     index: int
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before sending a failed request again.
+
+    Connection errors, 429 and 5xx answers (but 501 and 505) are retried up to ``max_retries``
+    times. The n-th retry waits ``backoff * 2**(n-1)`` seconds, at most ``max_backoff``, less a
+    random part of up to a half (so that many clients do not retry in lockstep). A
+    ``Retry-After`` header overrides that wait; one longer than ``max_retry_after`` ends the
+    retries at once.
+
+    Attributes:
+        max_retries: Retries after the first attempt (0: never retry).
+        backoff: Seconds before the first retry.
+        max_backoff: Longest wait computed by backoff.
+        max_retry_after: Longest ``Retry-After`` honoured, in seconds.
+
+    Example:
+        >>> RetryPolicy(max_retries=5, backoff=0.2).delay(3)  # doctest: +SKIP
+        0.63
+    """
+
+    max_retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ValueError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
+        for name in ("backoff", "max_backoff", "max_retry_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"RetryPolicy.{name} must be a number of seconds >= 0, got {value!r}")
+
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        if retry_after is not None:
+            return retry_after
+        wait = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
+        return wait * (1.0 - random.random() / 2)
+
+
 # -- request building and response parsing, shared by both clients -------------------------------
+
+
+def _check_documents(documents: Any) -> list[str | dict[str, Any]]:
+    if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence):
+        raise TypeError(
+            "documents must be a list of strings or of mappings with a 'text' key, "
+            f"got {type(documents).__name__}"
+        )
+    out: list[str | dict[str, Any]] = []
+    for i, doc in enumerate(documents):
+        if isinstance(doc, str):
+            out.append(doc)
+        elif isinstance(doc, Mapping):
+            out.append(dict(doc))
+        else:
+            raise TypeError(
+                f"documents[{i}] must be a str or a mapping with a 'text' key, got {type(doc).__name__}"
+            )
+    return out
+
+
+def _check_top_n(top_n: Any) -> int | None:
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0):
+        raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
+    return top_n
 
 
 def _rerank_payload(
     query: str,
-    documents: Sequence[str | Mapping[str, Any]],
+    documents: list[str | dict[str, Any]],
     top_n: int | None,
     instruction: str | None,
     return_documents: bool,
     model: str | None,
 ) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "query": query,
-        "documents": [d if isinstance(d, str) else dict(d) for d in documents],
-        "return_documents": return_documents,
-    }
+    payload: dict[str, Any] = {"query": query, "documents": documents, "return_documents": return_documents}
     if top_n is not None:
-        payload["top_n"] = top_n
+        payload["top_n"] = min(top_n, len(documents))
     if instruction is not None:
         payload["instruction"] = instruction
     if model is not None:
@@ -99,40 +217,79 @@ def _rerank_payload(
 
 
 def _rank_payload(
-    query: str, documents: Sequence[str | Mapping[str, Any]], top_n: int | None, instruction: str | None
+    query: str, documents: list[dict[str, Any]], top_n: int | None, instruction: str | None
 ) -> dict[str, Any]:
-    # The server gives a document without an id its position, and names any malformed one.
-    docs = [{"id": i, "text": d} if isinstance(d, str) else dict(d) for i, d in enumerate(documents)]
-    payload: dict[str, Any] = {"query": query, "documents": docs}
+    payload: dict[str, Any] = {"query": query, "documents": documents}
     if top_n is not None:
-        payload["top_n"] = top_n
+        payload["top_n"] = min(top_n, len(documents))
     if instruction is not None:
         payload["instruction"] = instruction
     return payload
 
 
-def _parse_rerank(body: dict[str, Any]) -> list[RerankHit]:
-    hits = []
-    for r in body["results"]:
-        doc = r.get("document")
-        text = doc.get("text") if isinstance(doc, Mapping) else doc
-        hits.append(RerankHit(index=r["index"], relevance_score=r["relevance_score"], document=text))
+def _rank_records(documents: list[str | dict[str, Any]]) -> list[dict[str, Any]]:
+    # Ids are positions in the whole input, assigned before splitting; the server names any
+    # malformed record itself.
+    records = []
+    for i, doc in enumerate(documents):
+        record = {"id": i, "text": doc} if isinstance(doc, str) else doc
+        if record.get("id") is None:
+            record = {**record, "id": i}
+        records.append(record)
+    return records
+
+
+def _malformed(what: str, body: Any, status_code: int) -> RerankServiceError:
+    return RerankServiceError(
+        f"the service answered 200 with an unexpected body ({what}): {str(body)[:200]!r}",
+        status_code=status_code,
+        type="invalid_response",
+    )
+
+
+def _parse_rerank(body: Any, offset: int, size: int, status_code: int = 200) -> list[RerankHit]:
+    try:
+        hits = []
+        for r in body["results"]:
+            doc = r.get("document")
+            text = doc.get("text") if isinstance(doc, Mapping) else doc
+            index = int(r["index"])
+            if not 0 <= index < size:
+                raise _malformed(f"index {index} outside a request of {size} documents", body, status_code)
+            hits.append(
+                RerankHit(index=offset + index, relevance_score=float(r["relevance_score"]), document=text)
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(f"{type(exc).__name__}: {exc}", body, status_code) from exc
     return hits
 
 
-def _parse_rank(body: dict[str, Any]) -> list[RankHit]:
-    return [RankHit(id=r["id"], score=r["score"], band=r["band"], index=r["index"]) for r in body["results"]]
+def _parse_rank(body: Any, offset: int, size: int, status_code: int = 200) -> list[RankHit]:
+    try:
+        hits = []
+        for r in body["results"]:
+            index = int(r["index"])
+            if not 0 <= index < size:
+                raise _malformed(f"index {index} outside a request of {size} documents", body, status_code)
+            hits.append(
+                RankHit(id=r["id"], score=float(r["score"]), band=str(r["band"]), index=offset + index)
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(f"{type(exc).__name__}: {exc}", body, status_code) from exc
+    return hits
 
 
-def _raise_for_status(response: Any) -> Any:
-    if response.is_success:
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise RerankServiceError(
-                f"the service answered with invalid JSON: {response.text[:200]!r}",
-                status_code=response.status_code,
-            ) from exc
+def _chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def _merge(parts: list[list[Any]], score: Callable[[Any], float], top_n: int | None) -> list[Any]:
+    """Hits of all parts best first; ``sorted`` is stable, so ties keep input order."""
+    merged = sorted((hit for part in parts for hit in part), key=lambda hit: -score(hit))
+    return merged if top_n is None else merged[:top_n]
+
+
+def _error_from_response(response: Any, attempts: int, note: str = "") -> RerankServiceError:
     message, param, kind = response.text.strip() or response.reason_phrase, None, None
     try:
         body = response.json()
@@ -146,30 +303,191 @@ def _raise_for_status(response: Any) -> Any:
             message = err
         elif "message" in body or "detail" in body:
             message = str(body.get("message", body.get("detail")))
-    raise RerankServiceError(message, status_code=response.status_code, param=param, type=kind)
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def _unreachable(base_url: str, exc: Exception) -> RerankServiceError:
+    if attempts > 1:
+        note = f"{note}; after {attempts} attempts" if note else f"after {attempts} attempts"
+    if note:
+        message = f"{message} ({note})"
     return RerankServiceError(
-        f"could not reach the rerank service at {base_url}: {type(exc).__name__}: {exc}"
+        message, status_code=response.status_code, param=param, type=kind, attempts=attempts
     )
 
 
-class RerankClient:
-    """Blocking client for the rerank service.
+def _json_body(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise RerankServiceError(
+            f"the service answered with invalid JSON: {response.text[:200]!r}",
+            status_code=response.status_code,
+            type="invalid_response",
+        ) from exc
+
+
+def _retry_after(response: Any) -> float | None:
+    """The ``Retry-After`` header in seconds (a number or an HTTP date), or ``None``."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _is_retryable_status(status: int) -> bool:
+    return status == 429 or (500 <= status < 600 and status not in _PERMANENT_5XX)
+
+
+class _Attempts:
+    """What to do after each attempt of one request: return, raise, or wait and retry."""
+
+    def __init__(self, base_url: str, path: str, policy: RetryPolicy, timeout: Any) -> None:
+        self.base_url, self.path, self.policy, self.timeout = base_url, path, policy, timeout
+        self.count = 0
+
+    def after_error(self, exc: Exception) -> float:
+        """Seconds to wait before retrying after a transport error; raises when giving up."""
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, _RETRYABLE_ERRORS):
+            raise RerankServiceError(
+                f"the rerank service at {self.base_url} did not answer {self.path} within {self.timeout} s "
+                f"({type(exc).__name__}); raise timeout= for long document lists, or lower batch_size=",
+                attempts=self.count,
+            ) from exc
+        if not isinstance(exc, _RETRYABLE_ERRORS) or self.count > self.policy.max_retries:
+            raise RerankServiceError(
+                f"could not reach the rerank service at {self.base_url} ({type(exc).__name__}: {exc}; "
+                f"{self.count} attempt{'s' if self.count > 1 else ''}); check that the server is running "
+                "and that base_url is right",
+                attempts=self.count,
+            ) from exc
+        wait = self.policy.delay(self.count)
+        logger.warning(
+            "POST %s%s failed (%s: %s); retry %d of %d in %.2f s",
+            self.base_url,
+            self.path,
+            type(exc).__name__,
+            exc,
+            self.count,
+            self.policy.max_retries,
+            wait,
+        )
+        return wait
+
+    def after_response(self, response: Any) -> float | None:
+        """``None`` when the response is final (success or a client error); else seconds to wait."""
+        if response.is_success:
+            return None
+        if not _is_retryable_status(response.status_code) or self.count > self.policy.max_retries:
+            raise _error_from_response(response, self.count)
+        retry_after = _retry_after(response)
+        if retry_after is not None and retry_after > self.policy.max_retry_after:
+            note = f"the service asks to retry after {retry_after:.0f} s"
+            raise _error_from_response(response, self.count, note)
+        wait = self.policy.delay(self.count, retry_after)
+        logger.warning(
+            "POST %s%s answered %d; retry %d of %d in %.2f s%s",
+            self.base_url,
+            self.path,
+            response.status_code,
+            self.count,
+            self.policy.max_retries,
+            wait,
+            " (Retry-After)" if retry_after is not None else "",
+        )
+        return wait
+
+
+class _ClientSettings:
+    """Arguments and validation shared by :class:`RerankClient` and :class:`AsyncRerankClient`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        connect_timeout: float,
+        model: str | None,
+        retry: RetryPolicy | None,
+        batch_size: int,
+        max_concurrency: int,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        for name, value in (("batch_size", batch_size), ("max_concurrency", max_concurrency)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout = float(timeout)
+        self.retry = retry or RetryPolicy()
+        self.batch_size = batch_size
+        self.max_concurrency = max_concurrency
+        self._http_kwargs: dict[str, Any] = {
+            "base_url": self.base_url,
+            "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+            "timeout": httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
+        }
+
+    def _rerank_requests(
+        self,
+        query: str,
+        documents: Any,
+        top_n: int | None,
+        instruction: str | None,
+        return_documents: bool,
+    ) -> tuple[list[tuple[int, int, dict[str, Any]]], int | None]:
+        docs, top_n = _check_documents(documents), _check_top_n(top_n)
+        requests = []
+        for start, end in _chunks(len(docs), self.batch_size):
+            payload = _rerank_payload(
+                query, docs[start:end], top_n, instruction, return_documents, self.model
+            )
+            requests.append((start, end - start, payload))
+        return requests, top_n
+
+    def _rank_requests(
+        self, query: str, documents: Any, top_n: int | None, instruction: str | None
+    ) -> tuple[list[tuple[int, int, dict[str, Any]]], int | None]:
+        records, top_n = _rank_records(_check_documents(documents)), _check_top_n(top_n)
+        return [
+            (start, end - start, _rank_payload(query, records[start:end], top_n, instruction))
+            for start, end in _chunks(len(records), self.batch_size)
+        ], top_n
+
+
+class RerankClient(_ClientSettings):
+    """Blocking client for a rerank service, with retries and splitting of long lists.
+
+    Safe to share between threads (one connection pool).
 
     Args:
-        base_url: Where the service listens, e.g. ``"http://127.0.0.1:8000"``.
+        base_url: Where the service listens, e.g. ``"http://rerank:8000"``.
         api_key: Sent as ``Authorization: Bearer <api_key>`` when the service requires one.
-        timeout: Seconds per request (reranking many long documents on CPU takes a while).
-        model: Sent as ``model`` in ``/v1/rerank`` requests (ignored by this service, required by
-            some other servers).
+        timeout: Seconds to wait for each answer (reranking many long documents on CPU takes a while).
+        connect_timeout: Seconds to open a connection (an unreachable host fails this fast).
+        model: Sent as ``model`` in ``/v1/rerank`` requests (ignored by this project's service,
+            required by vLLM and most hosted APIs).
+        retry: When to retry; defaults to :class:`RetryPolicy` ``()`` (3 retries, 0.5 s first wait).
+        batch_size: Most documents per request; longer lists are split and merged.
+        max_concurrency: Most requests of one call in flight at once.
         http_client: An ``httpx.Client`` to use instead of creating one (its base URL, headers
-            and timeout are then yours to set).
+            and timeouts are then yours to set).
+
+    Raises:
+        ValueError: A malformed ``base_url`` or a setting out of range.
     """
 
     def __init__(
@@ -178,29 +496,46 @@ class RerankClient:
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         model: str | None = None,
+        retry: RetryPolicy | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         http_client: Any = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._owns_client = http_client is None
-        self._http = http_client or httpx.Client(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout
+        super().__init__(
+            base_url, api_key, timeout, connect_timeout, model, retry, batch_size, max_concurrency
         )
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.Client(**self._http_kwargs)
 
-    def _post(self, path: str, payload: dict[str, Any]) -> Any:
-        try:
-            response = self._http.post(path, json=payload)
-        except httpx.HTTPError as exc:
-            raise _unreachable(self.base_url, exc) from exc
-        return _raise_for_status(response)
+    def _send(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
+    ) -> Any:
+        policy = self.retry if retry else RetryPolicy(max_retries=0)
+        attempts = _Attempts(self.base_url, path, policy, self.timeout)
+        while True:
+            attempts.count += 1
+            try:
+                response = self._http.request(method, path, json=payload)
+            except httpx.HTTPError as exc:
+                wait = attempts.after_error(exc)
+            else:
+                wait = attempts.after_response(response)
+                if wait is None:
+                    return response
+            time.sleep(wait)
 
-    def _get(self, path: str) -> Any:
-        try:
-            response = self._http.get(path)
-        except httpx.HTTPError as exc:
-            raise _unreachable(self.base_url, exc) from exc
-        return _raise_for_status(response)
+    def _post_all(self, path: str, requests: list[tuple[int, int, dict[str, Any]]], parse: Callable) -> list:
+        def post(request: tuple[int, int, dict[str, Any]]) -> list:
+            start, size, payload = request
+            response = self._send("POST", path, payload)
+            return parse(_json_body(response), start, size, response.status_code)
+
+        if len(requests) == 1:
+            return [post(requests[0])]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(requests)), "qwen3-rerank-client") as pool:
+            return list(pool.map(post, requests))
 
     def rerank(
         self,
@@ -216,17 +551,23 @@ class RerankClient:
             query: The question.
             documents: Texts, or mappings with a ``"text"`` key.
             top_n: Keep the best ``top_n`` (all when ``None``).
-            instruction: Template name (see ``qwen3-rerank templates``) or free text.
+            instruction: Template name (see ``qwen3-rerank templates``) or free text (this
+                project's service; other servers ignore it).
             return_documents: Have the server echo each document's text in the hits.
 
         Returns:
-            :class:`RerankHit` objects, highest ``relevance_score`` first.
+            :class:`RerankHit` objects, highest ``relevance_score`` first; ``index`` is the
+            position in ``documents`` however the list was split.
 
         Raises:
             RerankServiceError: The service refused the request or could not be reached.
+            TypeError, ValueError: ``documents`` or ``top_n`` is malformed (before anything is sent).
         """
-        payload = _rerank_payload(query, documents, top_n, instruction, return_documents, self.model)
-        return _parse_rerank(self._post("/v1/rerank", payload))
+        requests, top_n = self._rerank_requests(query, documents, top_n, instruction, return_documents)
+        if not requests:
+            return []
+        parts = self._post_all("/v1/rerank", requests, _parse_rerank)
+        return _merge(parts, lambda hit: hit.relevance_score, top_n)
 
     def rank(
         self,
@@ -236,15 +577,22 @@ class RerankClient:
         instruction: str | None = None,
     ) -> list[RankHit]:
         """``POST /rank``: ``{id, text}`` records (or plain texts, ids = positions) best first, with bands."""
-        return _parse_rank(self._post("/rank", _rank_payload(query, documents, top_n, instruction)))
+        requests, top_n = self._rank_requests(query, documents, top_n, instruction)
+        if not requests:
+            return []
+        return _merge(self._post_all("/rank", requests, _parse_rank), lambda hit: hit.score, top_n)
 
     def health(self) -> dict[str, Any]:
         """``GET /health``; raises :class:`RerankServiceError` (503) while the model loads."""
-        return self._get("/health")
+        return _json_body(self._send("GET", "/health", retry=False))
 
     def models(self) -> list[str]:
         """Ids of the served models (``GET /v1/models``)."""
-        return [m["id"] for m in self._get("/v1/models")["data"]]
+        body = _json_body(self._send("GET", "/v1/models"))
+        try:
+            return [m["id"] for m in body["data"]]
+        except (KeyError, TypeError) as exc:
+            raise _malformed(f"{type(exc).__name__}: {exc}", body, 200) from exc
 
     def close(self) -> None:
         """Close the connection pool (when this client created it)."""
@@ -258,8 +606,12 @@ class RerankClient:
         self.close()
 
 
-class AsyncRerankClient:
-    """The asyncio twin of :class:`RerankClient`: same arguments, ``await``-able methods."""
+class AsyncRerankClient(_ClientSettings):
+    """The asyncio twin of :class:`RerankClient`: same arguments, ``await``-able methods.
+
+    One pooled ``httpx.AsyncClient`` serves every call (keep-alive connections are reused);
+    use the client from one event loop and close it with :meth:`aclose` or ``async with``.
+    """
 
     def __init__(
         self,
@@ -267,29 +619,49 @@ class AsyncRerankClient:
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         model: str | None = None,
+        retry: RetryPolicy | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         http_client: Any = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._owns_client = http_client is None
-        self._http = http_client or httpx.AsyncClient(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout
+        super().__init__(
+            base_url, api_key, timeout, connect_timeout, model, retry, batch_size, max_concurrency
         )
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.AsyncClient(**self._http_kwargs)
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> Any:
-        try:
-            response = await self._http.post(path, json=payload)
-        except httpx.HTTPError as exc:
-            raise _unreachable(self.base_url, exc) from exc
-        return _raise_for_status(response)
+    async def _send(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
+    ) -> Any:
+        policy = self.retry if retry else RetryPolicy(max_retries=0)
+        attempts = _Attempts(self.base_url, path, policy, self.timeout)
+        while True:
+            attempts.count += 1
+            try:
+                response = await self._http.request(method, path, json=payload)
+            except httpx.HTTPError as exc:
+                wait = attempts.after_error(exc)
+            else:
+                wait = attempts.after_response(response)
+                if wait is None:
+                    return response
+            await asyncio.sleep(wait)
 
-    async def _get(self, path: str) -> Any:
-        try:
-            response = await self._http.get(path)
-        except httpx.HTTPError as exc:
-            raise _unreachable(self.base_url, exc) from exc
-        return _raise_for_status(response)
+    async def _post_all(
+        self, path: str, requests: list[tuple[int, int, dict[str, Any]]], parse: Callable
+    ) -> list:
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def post(request: tuple[int, int, dict[str, Any]]) -> list:
+            start, size, payload = request
+            async with limit:
+                response = await self._send("POST", path, payload)
+            return parse(_json_body(response), start, size, response.status_code)
+
+        tasks: list[Awaitable[list]] = [post(r) for r in requests]
+        return list(await asyncio.gather(*tasks))
 
     async def rerank(
         self,
@@ -300,8 +672,11 @@ class AsyncRerankClient:
         return_documents: bool = False,
     ) -> list[RerankHit]:
         """See :meth:`RerankClient.rerank`."""
-        payload = _rerank_payload(query, documents, top_n, instruction, return_documents, self.model)
-        return _parse_rerank(await self._post("/v1/rerank", payload))
+        requests, top_n = self._rerank_requests(query, documents, top_n, instruction, return_documents)
+        if not requests:
+            return []
+        parts = await self._post_all("/v1/rerank", requests, _parse_rerank)
+        return _merge(parts, lambda hit: hit.relevance_score, top_n)
 
     async def rank(
         self,
@@ -311,15 +686,22 @@ class AsyncRerankClient:
         instruction: str | None = None,
     ) -> list[RankHit]:
         """See :meth:`RerankClient.rank`."""
-        return _parse_rank(await self._post("/rank", _rank_payload(query, documents, top_n, instruction)))
+        requests, top_n = self._rank_requests(query, documents, top_n, instruction)
+        if not requests:
+            return []
+        return _merge(await self._post_all("/rank", requests, _parse_rank), lambda hit: hit.score, top_n)
 
     async def health(self) -> dict[str, Any]:
         """See :meth:`RerankClient.health`."""
-        return await self._get("/health")
+        return _json_body(await self._send("GET", "/health", retry=False))
 
     async def models(self) -> list[str]:
         """See :meth:`RerankClient.models`."""
-        return [m["id"] for m in (await self._get("/v1/models"))["data"]]
+        body = _json_body(await self._send("GET", "/v1/models"))
+        try:
+            return [m["id"] for m in body["data"]]
+        except (KeyError, TypeError) as exc:
+            raise _malformed(f"{type(exc).__name__}: {exc}", body, 200) from exc
 
     async def aclose(self) -> None:
         """Close the connection pool (when this client created it)."""
