@@ -1,0 +1,246 @@
+"""RemoteReranker against real servers on 127.0.0.1: this project's service and a vLLM-like one.
+
+The service runs the tiny random Qwen3 under uvicorn on a thread; the local engine on the same
+model is the oracle, so remote scores must equal local ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from fastapi import FastAPI, Request
+
+from qwen3_rerank_plugins import ConfidenceBands, Reranker, RerankResult, register_instruction_template
+from qwen3_rerank_plugins.client import RerankServiceError, RetryPolicy
+from qwen3_rerank_plugins.remote import RemoteReranker
+from qwen3_rerank_plugins.server import create_app
+from test_client import FAST, Front, _closed_port_url, live_server
+
+QUERY = "朝阳区建国路电梯又坏了"
+TICKETS = [
+    {"id": "T-1021", "text": "建国路88号小区3号楼电梯故障，居民被困二十分钟"},
+    {"id": "T-0932", "text": "海淀区中关村大街路灯不亮，夜间出行不便"},
+    {"id": "T-1102", "text": "建国路施工噪音扰民，晚上十一点后仍在作业"},
+    {"id": "T-0612", "text": "[FAQ] Elevator outages: report to the property manager, then call 12345."},
+    {"id": "T-0001", "text": ""},
+]
+TEXTS = [t["text"] for t in TICKETS]
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def url(reranker: Reranker) -> Iterator[str]:
+    with live_server(create_app(reranker)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def remote(url: str) -> Iterator[RemoteReranker]:
+    with RemoteReranker(url, retry=FAST) as rr:
+        yield rr
+
+
+def _same_results(got: list[RerankResult], expected: list[RerankResult]) -> None:
+    assert [r.index for r in got] == [r.index for r in expected]
+    assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=TOL)
+    assert [r.logit for r in got] == pytest.approx([r.logit for r in expected], abs=1e-4)
+    assert [r.band for r in got] == [r.band for r in expected]
+    assert all(g.document is e.document for g, e in zip(got, expected, strict=True))
+
+
+# -- the engine's surface, over HTTP ------------------------------------------------------------
+
+
+def test_scores_equal_the_local_engine(remote: RemoteReranker, reranker: Reranker) -> None:
+    assert remote.score(QUERY, TEXTS) == pytest.approx(reranker.score(QUERY, TEXTS), abs=TOL)
+    assert remote.score(QUERY, TICKETS, return_logits=True) == pytest.approx(
+        reranker.score(QUERY, TICKETS, return_logits=True), abs=1e-4
+    )
+    pairs = [(QUERY, TEXTS[0]), ("路灯不亮", TEXTS[1]), (QUERY, TEXTS[2]), ("路灯不亮", TEXTS[3])]
+    assert remote.score_pairs(pairs) == pytest.approx(reranker.score_pairs(pairs), abs=TOL)
+    assert remote.score(QUERY, []) == [] and remote.rerank(QUERY, []) == []
+
+
+def test_rerank_returns_engine_results(remote: RemoteReranker, reranker: Reranker) -> None:
+    _same_results(remote.rerank(QUERY, TICKETS), reranker.rerank(QUERY, TICKETS))
+    _same_results(remote.rerank(QUERY, TICKETS, top_n=2), reranker.rerank(QUERY, TICKETS, top_n=2))
+    cut = sorted(reranker.score(QUERY, TEXTS))[2]
+    _same_results(
+        remote.rerank(QUERY, TICKETS, threshold=cut), reranker.rerank(QUERY, TICKETS, threshold=cut)
+    )
+    first = remote.rerank(QUERY, TICKETS, top_n=1)[0]
+    assert first.id == TICKETS[first.index]["id"] and first.text == TEXTS[first.index]
+    assert remote.rank(QUERY, TEXTS, top_k=2, return_documents=True) == [
+        {"corpus_id": r.index, "score": pytest.approx(r.score, abs=TOL), "text": r.text}
+        for r in reranker.rerank(QUERY, TEXTS, top_n=2)
+    ]
+
+
+def test_instructions_and_settings(remote: RemoteReranker, reranker: Reranker) -> None:
+    expected = reranker.score(QUERY, TEXTS, "similar_ticket")
+    assert remote.score(QUERY, TEXTS, "similar_ticket") == pytest.approx(expected, abs=TOL)
+    # A template registered in this process only is resolved here, so the server reads its text.
+    register_instruction_template("remote_only_test", "Prefer tickets about elevators", overwrite=True)
+    local = reranker.score(QUERY, TEXTS, "Prefer tickets about elevators")
+    assert remote.score(QUERY, TEXTS, "remote_only_test") == pytest.approx(local, abs=TOL)
+
+    strict = remote.with_settings(instruction="similar_ticket", bands=ConfidenceBands(high=0.99, medium=0.0))
+    assert strict.score(QUERY, TEXTS) == pytest.approx(expected, abs=TOL)
+    assert {r.band for r in strict.rerank(QUERY, TEXTS)} == {"medium"}
+    assert (
+        remote.instruction is None
+        and strict.instruction == reranker.with_settings(instruction="similar_ticket").instruction
+    )
+    assert strict._conn is remote._conn  # one connection pool for both
+    with pytest.raises(TypeError, match="max_length belong to the server's model"):
+        remote.with_settings(max_length=512)
+    with pytest.raises(TypeError, match="unknown RemoteReranker settings: colour"):
+        remote.with_settings(colour="red")
+
+
+def test_model_name_comes_from_the_server(url: str, reranker: Reranker) -> None:
+    with RemoteReranker(url) as rr:
+        assert rr.model_name == reranker.model_name
+    with RemoteReranker(url, model="qwen3-reranker-pool") as rr:
+        assert rr.model_name == "qwen3-reranker-pool"
+        assert "qwen3-reranker-pool" in repr(rr)
+
+
+def test_bad_input_is_refused_before_sending(remote: RemoteReranker) -> None:
+    with pytest.raises(TypeError, match="query must be a str"):
+        remote.score(None, TEXTS)
+    with pytest.raises(ValueError, match=r"documents\[1\] is a mapping without a 'text' key"):
+        remote.rerank(QUERY, [{"text": "a"}, {"id": 2}])
+    with pytest.raises(TypeError, match=r"pairs\[0\] must be a \(query, document\) pair"):
+        remote.score_pairs(["not a pair"])
+    with pytest.raises(ValueError, match="top_n must be a positive int"):
+        remote.rerank(QUERY, TEXTS, top_n=0)
+    with pytest.raises(ValueError, match="threshold must be a number in"):
+        remote.rerank(QUERY, TEXTS, threshold=1.5)
+    with pytest.raises(ValueError, match="instruction must not be empty"):
+        remote.score(QUERY, TEXTS, instruction="  ")
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        RemoteReranker("http://127.0.0.1:1", prompt_format="tei")
+
+
+def test_the_servers_refusal_names_the_field(remote: RemoteReranker) -> None:
+    with pytest.raises(RerankServiceError) as info:
+        remote.score("", TEXTS)  # the service refuses an empty query; the engine would score it
+    assert info.value.status_code == 422 and info.value.param == "query"
+
+
+# -- scale: splitting, failures -----------------------------------------------------------------
+
+
+def test_ten_thousand_documents_split_across_requests_in_input_order(reranker: Reranker) -> None:
+    docs = [f"工单{i}：{TEXTS[i % 4]}" for i in range(10_000)]
+    front = Front(create_app(reranker))
+    with live_server(front) as base_url, RemoteReranker(base_url, batch_size=1000, max_concurrency=2) as rr:
+        scores = rr.score(QUERY, docs)
+        assert [n for _, _, n in front.posts] == [1000] * 10  # the service takes at most 1000 per request
+        assert scores == pytest.approx(reranker.score(QUERY, docs), abs=TOL)
+        top = rr.rerank(QUERY, docs, top_n=20)
+    best = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[:20]
+    assert [r.index for r in top] == best
+    assert [r.document for r in top] == [docs[i] for i in best]
+
+
+def test_a_server_that_fails_then_recovers(reranker: Reranker) -> None:
+    front = Front(create_app(reranker), failures=(500, 429))
+    with live_server(front) as base_url, RemoteReranker(base_url, retry=FAST) as rr:
+        _same_results(rr.rerank(QUERY, TICKETS), reranker.rerank(QUERY, TICKETS))
+    assert len(front.posts) == 3
+
+
+def test_an_unreachable_server_is_a_clear_error() -> None:
+    rr = RemoteReranker(_closed_port_url(), retry=RetryPolicy(max_retries=1, backoff=0.01))
+    with pytest.raises(
+        RerankServiceError, match=r"could not reach the rerank service at http://127\.0\.0\.1:"
+    ):
+        rr.rerank(QUERY, TICKETS)
+    assert rr.model_name == rr.base_url  # a display name never raises
+    rr.close()
+
+
+# -- async --------------------------------------------------------------------------------------
+
+
+async def test_async_path(remote: RemoteReranker, reranker: Reranker) -> None:
+    assert await remote.ascore(QUERY, TEXTS) == pytest.approx(reranker.score(QUERY, TEXTS), abs=TOL)
+    _same_results(await remote.arerank(QUERY, TICKETS, top_n=3), reranker.rerank(QUERY, TICKETS, top_n=3))
+    pairs = [(QUERY, TEXTS[0]), ("路灯不亮", TEXTS[1]), (QUERY, TEXTS[2])]
+    assert await remote.ascore_pairs(pairs) == pytest.approx(reranker.score_pairs(pairs), abs=TOL)
+    queries = [QUERY, "路灯不亮", "噪音扰民"] * 4
+    answers = await asyncio.gather(*(remote.arerank(q, TICKETS) for q in queries))
+    for q, got in zip(queries, answers, strict=True):
+        _same_results(got, reranker.rerank(q, TICKETS))
+    assert remote._conn.async_client() is remote._conn.async_client()  # one pool per event loop
+
+
+def test_async_works_from_several_event_loops(url: str, reranker: Reranker) -> None:
+    rr = RemoteReranker(url)
+    expected = reranker.score(QUERY, TEXTS)
+    for _ in range(2):  # each asyncio.run is a new loop; the pool follows it
+        assert asyncio.run(rr.ascore(QUERY, TEXTS)) == pytest.approx(expected, abs=TOL)
+    asyncio.run(rr.aclose())
+
+
+# -- a vLLM-style server ------------------------------------------------------------------------
+
+
+def vllm_like_app(hf_model: Any) -> tuple[FastAPI, list[dict[str, Any]]]:
+    """``/v1/rerank`` as vLLM serves the original Qwen3-Reranker with its published overrides.
+
+    vLLM turns the checkpoint into a classifier over ``z_yes - z_no`` and tokenises each pair as
+    query ids followed by document ids, with the template's control tokens read as such.
+    """
+    model, tokenizer = hf_model
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    app, seen = FastAPI(), []
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        seen.append(body)
+        results = []
+        for i, doc in enumerate(body["documents"]):
+            ids = tokenizer.encode(body["query"], add_special_tokens=False)
+            ids += tokenizer.encode(doc, add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            z = float(logits[yes] - logits[no])
+            results.append({"index": i, "relevance_score": 1 / (1 + math.exp(-z)), "document": {"text": doc}})
+        results.sort(key=lambda r: -r["relevance_score"])
+        top_n = body.get("top_n") or len(results)
+        return {
+            "id": "rerank-x",
+            "model": body.get("model"),
+            "usage": {"total_tokens": 0},
+            "results": results[:top_n],
+        }
+
+    return app, seen
+
+
+def test_vllm_prompt_format_gives_the_model_card_scores(hf_model: Any, reranker: Reranker) -> None:
+    app, seen = vllm_like_app(hf_model)
+    with live_server(app) as base_url:
+        rr = RemoteReranker(
+            base_url, model="Qwen/Qwen3-Reranker-0.6B", prompt_format="vllm", instruction="similar_ticket"
+        )
+        texts = TEXTS[:4]
+        assert rr.score(QUERY, texts) == pytest.approx(
+            reranker.score(QUERY, texts, "similar_ticket"), abs=1e-5
+        )
+        _same_results(
+            rr.rerank(QUERY, texts, top_n=2),
+            reranker.rerank(QUERY, texts, top_n=2, instruction="similar_ticket"),
+        )
+        rr.close()
+    assert all("instruction" not in body and body["model"] == "Qwen/Qwen3-Reranker-0.6B" for body in seen)
+    assert seen[0]["query"].startswith("<|im_start|>system\n") and seen[0]["query"].endswith("<Document>:")
