@@ -437,3 +437,22 @@ def test_docs_snippet_runs(tiny_model_dir, reranker, capsys):
     # The snippet's compressor (device="auto" is the CPU here) and get_reranker share the engine.
     assert namespace["rr"] is namespace["retriever"].base_compressor.engine is reranker
     assert namespace["confident_only"].engine is reranker
+
+
+def test_readme_section_runs(tiny_model_dir, reranker, capsys):
+    """The python block under README's LangChain anchor, with the tiny model for the hub id."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("<!-- section: langchain -->", 1)[1]
+    blocks = re.findall(r"^```python\n(.*?)^```", section.split("<!-- section: ", 1)[0], flags=re.S | re.M)
+    assert len(blocks) == 1
+    hub_id = '"Qwen/Qwen3-Reranker-0.6B"'
+    assert hub_id in blocks[0]
+    namespace: dict[str, Any] = {"__name__": "readme_langchain"}
+    exec(compile(blocks[0].replace(hub_id, repr(str(tiny_model_dir))), "README.md", "exec"), namespace)
+
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    docs = namespace["retriever"].invoke("朝阳区建国路电梯又坏了")
+    assert [p[0] for p in printed] == [d.id for d in docs] and len(docs) == 2
+    assert [float(p[1]) for p in printed] == pytest.approx(
+        [d.metadata["relevance_score"] for d in docs], abs=1e-3
+    )
+    assert namespace["retriever"].base_compressor.engine is reranker
