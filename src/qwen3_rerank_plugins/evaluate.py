@@ -1,0 +1,728 @@
+"""Measure what reranking gains on labelled data: ``qwen3-rerank evaluate``.
+
+A first stage (BM25 over the whole document pool, or none) proposes candidates for each query;
+the reranker reorders them. Hit@k, MRR@10 and nDCG@10 are computed on both orders, with the
+reranker's latency per query and its throughput in pairs per second.
+
+Datasets:
+
+* **JSONL**, one query per line: ``{"query": ..., "positives": [...], "negatives": [...]}``
+  (MTEB reranking's ``"positive"`` / ``"negative"`` are accepted too). Documents are strings or
+  ``{"text": ...}`` objects. All documents of the file form one pool, which BM25 searches.
+* **BEIR / MTEB retrieval** directories: ``corpus.jsonl`` (``{_id, title?, text}``),
+  ``queries.jsonl`` (``{_id, text}``) and ``qrels/<split>.tsv`` (``query-id corpus-id score``,
+  with a header line). Graded relevance counts as gain in nDCG.
+
+First stages: ``bm25`` ranks the pool with BM25 over jieba word segmentation (Chinese and
+English alike; needs the ``[examples]`` extra) and keeps the top ``candidates``; ``none`` gives
+the reranker each JSONL query's own positives and negatives (a BEIR query: the whole corpus),
+and the "before" order is then a shuffle with a fixed seed, a random baseline.
+
+Example:
+    >>> from qwen3_rerank_plugins import get_reranker
+    >>> from qwen3_rerank_plugins.evaluate import evaluate, load_dataset
+    >>> report = evaluate(get_reranker(), load_dataset("examples/data/faq_eval.jsonl"))  # doctest: +SKIP
+    >>> print(report.format())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._optional import require
+
+if TYPE_CHECKING:
+    from .engine import Reranker
+    from .templates import InstructionTemplate
+
+__all__ = [
+    "FIRST_STAGES",
+    "BM25Index",
+    "EvalDataset",
+    "EvalQuery",
+    "EvaluationReport",
+    "add_parser",
+    "evaluate",
+    "hit_at_k",
+    "load_beir",
+    "load_dataset",
+    "load_jsonl",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "plot_report",
+    "tokenize",
+]
+
+logger = logging.getLogger(__name__)
+
+FIRST_STAGES = ("bm25", "none")
+#: Largest pool the ``none`` first stage reranks whole (a BEIR corpus per query).
+MAX_POOL_WITHOUT_FIRST_STAGE = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return k
+
+
+def hit_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int) -> float:
+    """1.0 when a relevant document is among the first ``k`` of ``ranking``, else 0.0.
+
+    Args:
+        ranking: Document keys, best first.
+        relevance: Relevance grade per document key; a grade > 0 is relevant.
+        k: Cut-off.
+
+    Example:
+        >>> hit_at_k(["a", "b", "c"], {"c": 1}, 2), hit_at_k(["a", "b", "c"], {"c": 1}, 3)
+        (0.0, 1.0)
+    """
+    k = _check_k(k)
+    return 1.0 if any(relevance.get(doc, 0) > 0 for doc in ranking[:k]) else 0.0
+
+
+def mrr_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int = 10) -> float:
+    """Reciprocal rank of the first relevant document within the first ``k``, else 0.0.
+
+    Example:
+        >>> mrr_at_k(["a", "b", "c"], {"b": 1, "c": 1})
+        0.5
+    """
+    k = _check_k(k)
+    for rank, doc in enumerate(ranking[:k], start=1):
+        if relevance.get(doc, 0) > 0:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int = 10) -> float:
+    """Normalised discounted cumulative gain at ``k`` (linear gain, as ``trec_eval``).
+
+    ``DCG = sum(rel_i / log2(i + 1))`` over the first ``k`` ranks; the ideal DCG sorts *all*
+    judged relevant documents, retrieved or not, so a relevant document the first stage missed
+    lowers the score.
+
+    Example:
+        >>> round(ndcg_at_k(["a", "b"], {"b": 1}), 4)  # 1/log2(3) over 1/log2(2)
+        0.6309
+    """
+    k = _check_k(k)
+    dcg = sum(relevance.get(doc, 0) / math.log2(rank + 1) for rank, doc in enumerate(ranking[:k], start=1))
+    ideal = sorted((g for g in relevance.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(rank + 1) for rank, g in enumerate(ideal, start=1))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def _metrics(ranking: Sequence[int], relevance: Mapping[int, float], ks: Sequence[int]) -> dict[str, float]:
+    out = {f"hit@{k}": hit_at_k(ranking, relevance, k) for k in ks}
+    out["MRR@10"] = mrr_at_k(ranking, relevance, 10)
+    out["nDCG@10"] = ndcg_at_k(ranking, relevance, 10)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """One labelled query.
+
+    Attributes:
+        id: Query id (the line number for JSONL).
+        text: The query.
+        relevance: Relevance grade per document index; > 0 is relevant.
+        candidates: The query's own candidate documents (JSONL positives and negatives), or
+            ``None`` when every document of the pool is a candidate (BEIR).
+    """
+
+    id: str
+    text: str
+    relevance: Mapping[int, float]
+    candidates: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """Queries with relevance labels over one pool of documents.
+
+    Attributes:
+        name: Display name (the file or directory name).
+        documents: Document texts; queries refer to them by index.
+        doc_ids: Document ids, parallel to ``documents``.
+        queries: The labelled queries.
+    """
+
+    name: str
+    documents: tuple[str, ...]
+    doc_ids: tuple[str, ...]
+    queries: tuple[EvalQuery, ...]
+
+
+def _doc_text(doc: Any, where: str) -> str:
+    if isinstance(doc, Mapping):
+        doc = doc.get("text")
+    if not isinstance(doc, str) or not doc.strip():
+        raise ValueError(f"{where} must be a non-empty string or an object with a non-empty 'text'")
+    return doc
+
+
+def _doc_list(record: Mapping[str, Any], names: tuple[str, str], where: str) -> list[Any]:
+    value = record.get(names[0], record.get(names[1], []))
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: '{names[0]}' must be a list of documents, got {type(value).__name__}")
+    return value
+
+
+def load_jsonl(path: str | Path) -> EvalDataset:
+    """Load ``{"query", "positives", "negatives"}`` lines (MTEB's singular keys accepted too).
+
+    Identical document texts are stored once, so a document may be positive for one query and a
+    negative for another.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: A line is not JSON or lacks a query or a positive (the message names the line).
+    """
+    path = Path(path)
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    queries: list[EvalQuery] = []
+
+    def doc_index(text: str) -> int:
+        if text not in index:
+            index[text] = len(texts)
+            texts.append(text)
+        return index[text]
+
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} is not valid JSON: {exc.msg}") from exc
+            if not isinstance(record, Mapping):
+                raise ValueError(f"{where} must be a JSON object, got {type(record).__name__}")
+            query = record.get("query")
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"{where} needs a non-empty string 'query'")
+            positives = _doc_list(record, ("positives", "positive"), where)
+            negatives = _doc_list(record, ("negatives", "negative"), where)
+            if not positives:
+                raise ValueError(f"{where} needs at least one document in 'positives'")
+            relevance: dict[int, float] = {}
+            for i, doc in enumerate(positives):
+                relevance[doc_index(_doc_text(doc, f"{where}: positives[{i}]"))] = 1.0
+            candidates = list(relevance)
+            for i, doc in enumerate(negatives):
+                j = doc_index(_doc_text(doc, f"{where}: negatives[{i}]"))
+                if j not in relevance and j not in candidates:
+                    candidates.append(j)
+            queries.append(
+                EvalQuery(
+                    id=str(record.get("id", number)),
+                    text=query,
+                    relevance=relevance,
+                    candidates=tuple(candidates),
+                )
+            )
+    if not queries:
+        raise ValueError(f"{path} holds no queries: expected one JSON object per line")
+    return EvalDataset(
+        name=path.name,
+        documents=tuple(texts),
+        doc_ids=tuple(f"d{i}" for i in range(len(texts))),
+        queries=tuple(queries),
+    )
+
+
+def _read_jsonl_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path.name} line {number} is not valid JSON: {exc.msg}") from exc
+                if not isinstance(record, dict) or "_id" not in record:
+                    raise ValueError(f"{path.name} line {number} must be an object with an '_id'")
+                yield number, record
+
+
+def load_beir(path: str | Path, split: str = "test") -> EvalDataset:
+    """Load a BEIR / MTEB retrieval directory: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+
+    A document's title, when present, is put before its text. Queries without a relevant
+    document in the qrels are left out (as ``trec_eval`` does).
+
+    Raises:
+        FileNotFoundError: A required file is missing (the message names it).
+        ValueError: A file is malformed, or the qrels name unknown ids.
+    """
+    root = Path(path)
+    corpus_file, queries_file = root / "corpus.jsonl", root / "queries.jsonl"
+    qrels_file = root / "qrels" / f"{split}.tsv"
+    for required in (corpus_file, queries_file, qrels_file):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"{required} is missing: a BEIR/MTEB directory holds corpus.jsonl, queries.jsonl and "
+                f"qrels/{split}.tsv"
+            )
+    texts, ids, index = [], [], {}
+    for number, record in _read_jsonl_records(corpus_file):
+        text = record.get("text") or ""
+        title = record.get("title") or ""
+        full = f"{title}\n{text}".strip() if title else text
+        if not isinstance(full, str) or not full.strip():
+            raise ValueError(f"{corpus_file.name} line {number} has no text")
+        index[str(record["_id"])] = len(texts)
+        ids.append(str(record["_id"]))
+        texts.append(full)
+    query_text = {str(r["_id"]): str(r.get("text", "")) for _, r in _read_jsonl_records(queries_file)}
+
+    relevance: dict[str, dict[int, float]] = {}
+    with qrels_file.open(encoding="utf-8", newline="") as fh:
+        for number, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
+            if not row or (number == 1 and not _is_number(row[-1])):
+                continue  # blank line or header
+            if len(row) < 3 or not _is_number(row[-1]):
+                raise ValueError(
+                    f"{qrels_file.name} line {number}: expected 'query-id<TAB>corpus-id<TAB>score'"
+                )
+            qid, did, grade = row[0], row[-2], float(row[-1])
+            if did not in index:
+                raise ValueError(f"{qrels_file.name} line {number}: unknown corpus id {did!r}")
+            if qid not in query_text:
+                raise ValueError(f"{qrels_file.name} line {number}: unknown query id {qid!r}")
+            relevance.setdefault(qid, {})[index[did]] = grade
+    queries = tuple(
+        EvalQuery(id=qid, text=query_text[qid], relevance=rels)
+        for qid, rels in relevance.items()
+        if any(g > 0 for g in rels.values())
+    )
+    if not queries:
+        raise ValueError(f"{qrels_file} has no query with a relevant document")
+    return EvalDataset(name=root.name, documents=tuple(texts), doc_ids=tuple(ids), queries=queries)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_dataset(path: str | Path, split: str = "test") -> EvalDataset:
+    """Load a JSONL file (:func:`load_jsonl`) or a BEIR/MTEB directory (:func:`load_beir`)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_beir(path, split)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    return load_jsonl(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# First stage: BM25 over jieba tokens
+# ---------------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words for BM25: jieba's search-mode segmentation, punctuation dropped.
+
+    Works for Chinese, English and mixed text (jieba keeps Latin words whole).
+
+    Example:
+        >>> tokenize("订单还没发货 my Order")  # doctest: +SKIP
+        ['订单', '还', '没', '发货', 'my', 'order']
+    """
+    jieba = require("jieba", "examples", "BM25 word segmentation")
+    if not getattr(tokenize, "_quiet", False):
+        jieba.setLogLevel(logging.WARNING)  # jieba logs its dictionary loading at DEBUG
+        tokenize._quiet = True  # type: ignore[attr-defined]
+    return [t.lower() for t in jieba.lcut_for_search(text) if _WORD.search(t)]
+
+
+class BM25Index:
+    """BM25 (Okapi) over a list of texts, tokenised with :func:`tokenize`.
+
+    Args:
+        texts: The documents.
+
+    Example:
+        >>> index = BM25Index(["发票怎么开", "退货政策"])  # doctest: +SKIP
+        >>> index.search("开发票", top_k=1)  # doctest: +SKIP
+        [(0, 0.69)]
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        rank_bm25 = require("rank_bm25", "examples", "The BM25 first stage")
+        if not texts:
+            raise ValueError("BM25Index needs at least one text")
+        # An empty token list would divide by zero inside rank_bm25; a placeholder token never matches.
+        self._bm25 = rank_bm25.BM25Okapi([tokenize(t) or ["\x00"] for t in texts])
+        self.size = len(texts)
+
+    def search(self, query: str, top_k: int | None = None) -> list[tuple[int, float]]:
+        """``(index, score)`` of the best ``top_k`` texts (all when ``None``), best first; ties by index."""
+        scores = self._bm25.get_scores(tokenize(query))
+        order = sorted(range(self.size), key=lambda i: (-scores[i], i))
+        return [(i, float(scores[i])) for i in order[:top_k]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Metrics before and after reranking, and the reranker's speed.
+
+    Attributes:
+        dataset: Dataset name.
+        model: The reranker's model name.
+        device: Where it ran, e.g. ``"cpu (float32)"``.
+        first_stage: ``"bm25"`` or ``"none"``.
+        candidates: The BM25 depth, at most the pool size (``None`` for ``none``).
+        instruction: The instruction given (``None``: the reranker's default).
+        queries: Number of queries evaluated.
+        documents: Size of the document pool.
+        before: Mean metrics of the first-stage order.
+        after: Mean metrics after reranking.
+        latencies_ms: Reranking time of each query, in milliseconds.
+        pairs: Total (query, document) pairs reranked.
+    """
+
+    dataset: str
+    model: str
+    device: str
+    first_stage: str
+    candidates: int | None
+    instruction: str | None
+    queries: int
+    documents: int
+    before: dict[str, float]
+    after: dict[str, float]
+    latencies_ms: tuple[float, ...] = field(repr=False)
+    pairs: int = 0
+
+    @property
+    def latency_ms(self) -> dict[str, float]:
+        """Mean, median and 95th percentile reranking time per query, in milliseconds."""
+        values = sorted(self.latencies_ms)
+        p95 = values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+        return {"mean": statistics.fmean(values), "p50": statistics.median(values), "p95": p95}
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Pairs reranked per second of reranking time."""
+        seconds = sum(self.latencies_ms) / 1000
+        return self.pairs / seconds if seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (without per-query latencies)."""
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "device": self.device,
+            "first_stage": self.first_stage,
+            "candidates": self.candidates,
+            "instruction": self.instruction,
+            "queries": self.queries,
+            "documents": self.documents,
+            "before": self.before,
+            "after": self.after,
+            "latency_ms": self.latency_ms,
+            "pairs": self.pairs,
+            "pairs_per_second": self.pairs_per_second,
+        }
+
+    def format(self) -> str:
+        """The report as a table, for a terminal."""
+        stage = (
+            f"bm25 (jieba + rank-bm25), top {self.candidates} candidates"
+            if self.first_stage == "bm25"
+            else "none (each query's own candidates; 'before' is a shuffle with a fixed seed)"
+        )
+        lines = [
+            f"Dataset: {self.dataset} ({self.queries} queries, {self.documents} documents)",
+            f"Model: {self.model} on {self.device}; instruction: {self.instruction or 'default'}",
+            f"First stage: {stage}",
+            "",
+            f"{'metric':<9}{'before':>9}{'after':>9}{'change':>9}",
+        ]
+        for name, before in self.before.items():
+            after = self.after[name]
+            lines.append(f"{name:<9}{before:>9.3f}{after:>9.3f}{after - before:>+9.3f}")
+        lat = self.latency_ms
+        lines += [
+            "",
+            f"Reranking: {self.pairs / max(self.queries, 1):.1f} pairs per query, "
+            f"{lat['mean']:.1f} ms per query (p50 {lat['p50']:.1f}, p95 {lat['p95']:.1f}), "
+            f"{self.pairs_per_second:.0f} pairs/s",
+        ]
+        return "\n".join(lines)
+
+
+def _first_stage(dataset: EvalDataset, first_stage: str, candidates: int, seed: int) -> list[list[int]]:
+    """Candidate indices per query, in first-stage order."""
+    if first_stage == "bm25":
+        index = BM25Index(dataset.documents)
+        return [[i for i, _ in index.search(q.text, candidates)] for q in dataset.queries]
+    pools = []
+    for q in dataset.queries:
+        if q.candidates is not None:
+            pool = list(q.candidates)
+        elif len(dataset.documents) <= MAX_POOL_WITHOUT_FIRST_STAGE:
+            pool = list(range(len(dataset.documents)))
+        else:
+            raise ValueError(
+                f"--first-stage none would rerank all {len(dataset.documents)} documents for every query "
+                f"(more than {MAX_POOL_WITHOUT_FIRST_STAGE}); use --first-stage bm25"
+            )
+        random.Random(f"{seed}:{q.id}").shuffle(pool)
+        pools.append(pool)
+    return pools
+
+
+def evaluate(
+    reranker: Reranker,
+    dataset: EvalDataset,
+    *,
+    first_stage: str = "bm25",
+    ks: Sequence[int] = (1, 3, 10),
+    candidates: int = 50,
+    instruction: str | InstructionTemplate | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> EvaluationReport:
+    """Rank every query's candidates with the first stage, then with the reranker; compare.
+
+    Args:
+        reranker: The engine (:class:`~qwen3_rerank_plugins.Reranker`).
+        dataset: From :func:`load_dataset`.
+        first_stage: ``"bm25"`` (BM25 over the whole pool, top ``candidates``) or ``"none"``.
+        ks: Cut-offs of hit@k (MRR and nDCG are always at 10).
+        candidates: How many BM25 results the reranker reorders.
+        instruction: Template name or free text; defaults to the reranker's instruction.
+        seed: Seed of the random "before" order of ``first_stage="none"``.
+        show_progress: Show a progress bar over queries.
+
+    Returns:
+        An :class:`EvaluationReport`. One untimed warm-up call precedes the timed ones.
+
+    Raises:
+        ValueError: On an unknown first stage or a bad ``ks`` / ``candidates``.
+    """
+    if first_stage not in FIRST_STAGES:
+        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
+    ks = tuple(sorted({_check_k(k) for k in ks}))
+    if not ks:
+        raise ValueError("ks must name at least one cut-off")
+    candidates = _check_k(candidates)
+    pools = _first_stage(dataset, first_stage, candidates, seed)
+
+    # Warm-up: the first forward pass pays one-off costs (allocations, kernel selection).
+    first_texts = [dataset.documents[i] for i in pools[0][:2]]
+    reranker.score(dataset.queries[0].text, first_texts, instruction)
+
+    before: list[dict[str, float]] = []
+    after: list[dict[str, float]] = []
+    latencies: list[float] = []
+    pairs = 0
+    queries: Iterable[tuple[EvalQuery, list[int]]] = zip(dataset.queries, pools, strict=True)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        queries = tqdm(list(queries), desc="Evaluating", unit="query")
+    for query, pool in queries:
+        before.append(_metrics(pool, query.relevance, ks))
+        start = time.perf_counter()
+        results = reranker.rerank(query.text, [dataset.documents[i] for i in pool], instruction=instruction)
+        latencies.append((time.perf_counter() - start) * 1000)
+        pairs += len(pool)
+        after.append(_metrics([pool[r.index] for r in results], query.relevance, ks))
+    return EvaluationReport(
+        dataset=dataset.name,
+        model=reranker.model_name,
+        device=f"{reranker.device} ({str(reranker.dtype).removeprefix('torch.')})",
+        first_stage=first_stage,
+        candidates=min(candidates, len(dataset.documents)) if first_stage == "bm25" else None,
+        instruction=instruction if instruction is None or isinstance(instruction, str) else instruction.name,
+        queries=len(dataset.queries),
+        documents=len(dataset.documents),
+        before=_mean(before),
+        after=_mean(after),
+        latencies_ms=tuple(latencies),
+        pairs=pairs,
+    )
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.fmean(row[name] for row in rows) for name in rows[0]}
+
+
+def plot_report(report: EvaluationReport, path: str | Path, *, title: str | None = None) -> Path:
+    """Write a bar chart of every metric before and after reranking (PNG, SVG or PDF by suffix).
+
+    Args:
+        report: From :func:`evaluate`.
+        path: Output file; its suffix picks the format.
+        title: Chart title (default: dataset and model).
+
+    Returns:
+        The written path.
+    """
+    require("matplotlib", "examples", "The evaluation chart (--plot)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.before)
+    x = range(len(names))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
+    try:
+        bars = [
+            ax.bar([i - width / 2 for i in x], [report.before[n] for n in names], width, label="before"),
+            ax.bar([i + width / 2 for i in x], [report.after[n] for n in names], width, label="after rerank"),
+        ]
+        for group in bars:
+            ax.bar_label(group, fmt="%.2f", fontsize=8, padding=2)
+        ax.set_xticks(list(x), names)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("score")
+        ax.legend(loc="upper left")
+        stage = f"{report.first_stage} top {report.candidates}" if report.candidates else report.first_stage
+        ax.set_title(title or f"{report.dataset}: {stage} vs. {report.model}", fontsize=10)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .cli import CommandError, load_reranker
+
+    try:
+        dataset = load_dataset(args.data, args.split)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc).strip("'\"")) from exc
+    reranker = load_reranker(args)
+    report = evaluate(
+        reranker,
+        dataset,
+        first_stage=args.first_stage,
+        ks=args.k,
+        candidates=args.candidates,
+        instruction=args.instruction,
+        seed=args.seed,
+        show_progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        if args.demo:
+            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
+        print(report.format())
+    if args.plot:
+        out = plot_report(report, args.plot)
+        logger.info("Wrote the chart to %s", out)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` command to the ``qwen3-rerank`` parser."""
+    from .cli import add_model_arguments
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="measure hit@k, MRR@10 and nDCG@10 before and after reranking",
+        description=(
+            "Evaluate reranking on labelled data: a JSONL file of {query, positives, negatives} or a "
+            "BEIR/MTEB directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Prints hit@k, MRR@10 "
+            "and nDCG@10 before and after reranking, latency per query and pairs/s."
+        ),
+        epilog="example: qwen3-rerank evaluate faq_eval.jsonl -i customer_service_faq --plot out.png",
+    )
+    p.add_argument("data", help="JSONL file or BEIR/MTEB directory")
+    p.add_argument(
+        "--first-stage",
+        choices=FIRST_STAGES,
+        default="bm25",
+        help="bm25: BM25 over all documents (jieba words), top --candidates; "
+        "none: each query's own candidates in random order (default: bm25)",
+    )
+    p.add_argument(
+        "--k", type=_ks, default=[1, 3, 10], help="comma-separated hit@k cut-offs (default: 1,3,10)"
+    )
+    p.add_argument(
+        "--candidates", type=_positive, default=50, help="BM25 candidates per query to rerank (default: 50)"
+    )
+    p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
+    p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
+    p.add_argument("--split", default="test", help="qrels split of a BEIR directory (default: test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random order for --first-stage none")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    add_model_arguments(p)
+    p.set_defaults(func=_cmd_evaluate)
+    return p
