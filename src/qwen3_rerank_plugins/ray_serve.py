@@ -1,0 +1,413 @@
+"""Serving on Ray Serve (extra ``[ray]``): replicas of the engine behind one HTTP endpoint.
+
+Each replica loads the model once and answers the service's HTTP schema (``POST /v1/rerank``,
+also ``/rerank`` and ``/v2/rerank``; ``POST /rank``; ``GET /health``; ``GET /v1/models``), with
+requests validated by the same code as ``qwen3-rerank serve``
+(:mod:`qwen3_rerank_plugins.server.schemas`), so every client of the plain service works
+unchanged. Ray routes requests to the replicas; within a replica, concurrent requests are merged
+by ``@serve.batch`` into one engine call per instruction (merging is exact: the engine groups
+pairs by query and reuses each query's prefix cache).
+
+Replicas: one per GPU (``num_gpus_per_replica=1``, the default when CUDA is present), or N CPU
+replicas; fixed (``replicas=N``) or autoscaled between ``replicas`` and ``max_replicas`` on
+ongoing requests per replica.
+
+Three ways to start it:
+
+* ``qwen3-rerank serve --ray --replicas 2`` (the command line calls :func:`serve_ray`);
+* ``serve run qwen3_rerank_plugins.ray_serve:app_builder model=Qwen/Qwen3-Reranker-0.6B replicas=2``
+  (Ray's own command, or ``import_path`` of a RayService manifest; see :func:`app_builder`);
+* from Python: ``serve.run(build_app("Qwen/Qwen3-Reranker-0.6B", replicas=2))``.
+
+Example:
+    >>> from qwen3_rerank_plugins.ray_serve import serve_ray
+    >>> serve_ray("Qwen/Qwen3-Reranker-0.6B", replicas=4, host="0.0.0.0", port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from ._optional import require
+
+ray = require("ray", "ray", "Serving on Ray Serve")
+serve = require("ray.serve", "ray", "Serving on Ray Serve")
+require("starlette", "ray", "Serving on Ray Serve")
+
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+
+from .results import ConfidenceBands  # noqa: E402
+from .server.app import DEFAULT_MAX_BODY_BYTES  # noqa: E402
+from .server.schemas import (  # noqa: E402
+    RequestError,
+    error_body,
+    parse_json_body,
+    parse_rank,
+    parse_rerank,
+    ranked_order,
+    sigmoid,
+)
+
+__all__ = ["RerankDeployment", "app_builder", "build_app", "serve_ray"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_APP_NAME = "qwen3-rerank"
+_RERANK_PATHS = frozenset({"/v1/rerank", "/rerank", "/v2/rerank"})
+
+
+class RerankDeployment:
+    """One replica: a loaded engine answering the service's HTTP schema.
+
+    Wrapped by ``serve.deployment`` in :func:`build_app`; not meant to be created directly.
+
+    Args:
+        model: Hub id or local directory (loaded with :func:`~qwen3_rerank_plugins.get_reranker`).
+        device, dtype, source, max_length, instruction: As for the engine.
+        bands: ``(high, medium)`` cut-offs of the ``/rank`` bands.
+        api_key: Require ``Authorization: Bearer <api_key>`` on scoring endpoints.
+        max_documents: Most documents per request (413 beyond).
+        max_body_bytes: Largest request body (413 beyond).
+        max_batch_size: Most requests ``@serve.batch`` merges into one engine call.
+        batch_wait_ms: How long a batch waits for more requests.
+        model_name: Name reported by the API (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        source: str = "auto",
+        max_length: int = 8192,
+        instruction: str | None = None,
+        bands: tuple[float, float] = (0.85, 0.70),
+        api_key: str | None = None,
+        max_documents: int = 1000,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 2.0,
+        model_name: str | None = None,
+    ) -> None:
+        from .engine import get_reranker
+
+        settings = {"instruction": instruction} if instruction is not None else {}
+        self.reranker = get_reranker(
+            model, device=device, dtype=dtype, source=source, max_length=max_length, **settings
+        )
+        self.bands = ConfidenceBands(*bands)
+        self.api_key = api_key
+        self.max_documents = max_documents
+        self.max_body_bytes = max_body_bytes
+        self.model_name = model_name or self.reranker.model_name
+        self.created = int(time.time())
+        self._score.set_max_batch_size(max_batch_size)
+        self._score.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        self.replica = _replica_id()
+        logger.info(
+            "Replica %s serving %s on %s (%s)",
+            self.replica,
+            self.model_name,
+            self.reranker.device,
+            str(self.reranker.dtype).removeprefix("torch."),
+        )
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """Route one HTTP request; every refusal is a JSON error with a 4xx/5xx status."""
+        try:
+            path, method = request.url.path.rstrip("/") or "/", request.method
+            if method == "GET" and path == "/health":
+                return JSONResponse(self._health())
+            if method == "GET" and path == "/v1/models":
+                self._check_auth(request)
+                return JSONResponse(self._models())
+            if method == "POST" and path in _RERANK_PATHS:
+                self._check_auth(request)
+                return JSONResponse(await self._rerank(await self._read_json(request)))
+            if method == "POST" and path == "/rank":
+                self._check_auth(request)
+                return JSONResponse(await self._rank(await self._read_json(request)))
+            raise RequestError(f"no endpoint {method} {path}", status_code=404, type="not_found")
+        except RequestError as exc:
+            body = error_body(exc.message, status_code=exc.status_code, param=exc.param, type=exc.type)
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers or None)
+
+    def _health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "device": str(self.reranker.device),
+            "dtype": str(self.reranker.dtype).removeprefix("torch."),
+            "replica": self.replica,
+        }
+
+    def _models(self) -> dict[str, Any]:
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "qwen"}
+        return {"object": "list", "data": [model]}
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise RequestError(
+                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                status_code=401,
+                type="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _read_json(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise RequestError(
+                f"request body is {declared} bytes; this service accepts at most {self.max_body_bytes} bytes",
+                status_code=413,
+                type="body_too_large",
+            )
+        return parse_json_body(await request.body())
+
+    async def _rerank(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        req = parse_rerank(body, max_documents=self.max_documents)
+        logits, tokens = await self._scored(req.query, req.texts, req.instruction)
+        results = []
+        for i in ranked_order(logits, req.top_n):
+            item: dict[str, Any] = {"index": i, "relevance_score": sigmoid(logits[i])}
+            if req.return_documents:
+                item["document"] = {"text": req.texts[i]}
+            results.append(item)
+        return {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": self.model_name,
+            "usage": {"total_tokens": tokens},
+            "results": results,
+        }
+
+    async def _rank(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        req = parse_rank(body, max_documents=self.max_documents)
+        logits, _ = await self._scored(req.query, req.texts, req.instruction)
+        results = []
+        for i in ranked_order(logits, req.top_n):
+            score = sigmoid(logits[i])
+            results.append({"id": req.ids[i], "index": i, "score": score, "band": self.bands.classify(score)})
+        return {"model": self.model_name, "results": results}
+
+    async def _scored(self, query: str, texts: list[str], instruction: str | None) -> tuple[list[float], int]:
+        outcome = await self._score((query, texts, instruction))
+        if isinstance(outcome, (ValueError, TypeError)):
+            raise RequestError(str(outcome), status_code=422)
+        if isinstance(outcome, Exception):
+            logger.error("scoring failed: %s: %s", type(outcome).__name__, outcome)
+            raise RequestError(
+                f"scoring failed: {type(outcome).__name__}: {outcome}", status_code=500, type="internal_error"
+            )
+        return outcome
+
+    # -- batching -------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _score(
+        self, requests: list[tuple[str, list[str], str | None]]
+    ) -> list[tuple[list[float], int] | Exception]:
+        """Concurrent requests of this replica, merged: one engine call per instruction."""
+        return await asyncio.to_thread(self._score_merged, requests)
+
+    def _score_merged(
+        self, requests: list[tuple[str, list[str], str | None]]
+    ) -> list[tuple[list[float], int] | Exception]:
+        by_instruction: dict[str | None, list[int]] = {}
+        for i, (_, _, instruction) in enumerate(requests):
+            by_instruction.setdefault(instruction, []).append(i)
+        out: list[tuple[list[float], int] | Exception] = [RuntimeError("not scored")] * len(requests)
+        for instruction, members in by_instruction.items():
+            try:
+                outcomes: list[Any] = self._score_group(requests, members, instruction)
+            except Exception as exc:
+                if len(members) == 1:
+                    outcomes = [exc]
+                else:
+                    # Score each request alone so that one bad request does not fail its neighbours.
+                    outcomes = [self._score_alone(requests, i, instruction) for i in members]
+            for i, outcome in zip(members, outcomes, strict=True):
+                out[i] = outcome
+        return out
+
+    def _score_alone(
+        self, requests: list[tuple[str, list[str], str | None]], i: int, instruction: str | None
+    ) -> tuple[list[float], int] | Exception:
+        try:
+            return self._score_group(requests, [i], instruction)[0]
+        except Exception as exc:
+            return exc
+
+    def _score_group(
+        self, requests: list[tuple[str, list[str], str | None]], members: list[int], instruction: str | None
+    ) -> list[tuple[list[float], int]]:
+        pairs = [(requests[i][0], text) for i in members for text in requests[i][1]]
+        logits = self.reranker.score_pairs(pairs, instruction, return_logits=True)
+        out, offset = [], 0
+        for i in members:
+            query, texts, _ = requests[i]
+            tokens = self.reranker.count_tokens(query, texts, instruction)
+            out.append((logits[offset : offset + len(texts)], tokens))
+            offset += len(texts)
+        return out
+
+
+def _replica_id() -> str:
+    """This replica's id in Ray Serve, or ``"local"`` outside a replica (e.g. in a unit test)."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # Ray raises RayServeException outside a replica
+        return "local"
+
+
+def _resources(device: str, num_cpus: float | None, num_gpus: float | None) -> dict[str, float]:
+    if num_gpus is None:
+        import torch
+
+        num_gpus = 1.0 if device != "cpu" and torch.cuda.is_available() else 0.0
+    if num_cpus is None:
+        num_cpus = 1.0
+    if num_gpus < 0 or num_cpus < 0:
+        raise ValueError(f"num_cpus and num_gpus per replica must be >= 0, got {num_cpus} and {num_gpus}")
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus}
+
+
+def build_app(
+    model: str,
+    *,
+    replicas: int | None = None,
+    max_replicas: int | None = None,
+    target_ongoing_requests: float = 8.0,
+    num_cpus_per_replica: float | None = None,
+    num_gpus_per_replica: float | None = None,
+    max_ongoing_requests: int = 64,
+    **options: Any,
+) -> Any:
+    """The Ray Serve application: the deployment with its replicas, resources and autoscaling.
+
+    Args:
+        model: Hub id or local directory; every replica loads it.
+        replicas: Replicas to run (the minimum when autoscaling). Default: one per GPU of the
+            cluster when replicas take a GPU, else 1.
+        max_replicas: Autoscale between ``replicas`` and ``max_replicas`` on ongoing requests.
+        target_ongoing_requests: Ongoing requests per replica the autoscaler aims at.
+        num_cpus_per_replica: CPUs reserved per replica (default 1).
+        num_gpus_per_replica: GPUs per replica; default 1 when CUDA is present and the device
+            is not ``"cpu"``, else 0. Fractions pack several replicas on one GPU.
+        max_ongoing_requests: Requests a replica accepts at once before Ray queues them.
+        **options: :class:`RerankDeployment` arguments (``device``, ``dtype``, ``api_key``,
+            ``max_batch_size``, ``batch_wait_ms``, ``bands``, ...).
+
+    Returns:
+        A ``ray.serve.Application`` for ``serve.run``.
+
+    Raises:
+        ValueError: A replica count or resource out of range.
+    """
+    resources = _resources(options.get("device", "auto"), num_cpus_per_replica, num_gpus_per_replica)
+    if replicas is None:
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+        replicas = max(1, int(gpus / resources["num_gpus"])) if resources["num_gpus"] and gpus else 1
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    config: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max_ongoing_requests}
+    if max_replicas is not None:
+        if not isinstance(max_replicas, int) or max_replicas < replicas:
+            raise ValueError(f"max_replicas must be an int >= replicas ({replicas}), got {max_replicas!r}")
+        config["autoscaling_config"] = {
+            "min_replicas": replicas,
+            "initial_replicas": replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests,
+        }
+    else:
+        config["num_replicas"] = replicas
+    deployment = serve.deployment(RerankDeployment, name="Qwen3Reranker", **config)
+    return deployment.bind(model, **options)
+
+
+def app_builder(args: Mapping[str, str]) -> Any:
+    """Build the application from ``key=value`` strings, for ``serve run`` and RayService.
+
+    Keys: ``model`` (required), ``replicas``, ``max_replicas``, ``num_cpus_per_replica``,
+    ``num_gpus_per_replica``, ``device``, ``dtype``, ``source``, ``max_length``, ``instruction``,
+    ``api_key`` (default: ``$QWEN3_RERANK_API_KEY``), ``max_documents``, ``max_batch_size``,
+    ``batch_wait_ms``.
+
+    Example:
+        ``serve run qwen3_rerank_plugins.ray_serve:app_builder model=Qwen/Qwen3-Reranker-0.6B replicas=2``
+    """
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("app_builder needs model=<hub id or directory>")
+    ints = ("replicas", "max_replicas", "max_length", "max_documents", "max_batch_size")
+    floats = ("num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms", "target_ongoing_requests")
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        try:
+            kwargs[key] = int(value) if key in ints else float(value) if key in floats else value
+        except ValueError:
+            kind = "an integer" if key in ints else "a number"
+            raise ValueError(f"{key} must be {kind}, got {value!r}") from None
+    kwargs.setdefault("api_key", os.environ.get("QWEN3_RERANK_API_KEY") or None)
+    return build_app(kwargs.pop("model"), **kwargs)
+
+
+def serve_ray(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    app_name: str = DEFAULT_APP_NAME,
+    **app_options: Any,
+) -> None:
+    """Start (or join) a Ray cluster, serve the application over HTTP, and block until stopped.
+
+    SIGINT or SIGTERM stops the application and, when this call started Ray, Ray itself.
+
+    Args:
+        model: Hub id or local directory.
+        host: Interface Ray Serve's HTTP proxy binds (``0.0.0.0`` for other machines).
+        port: TCP port of the proxy.
+        address: Ray cluster to join (``"auto"``: the local one); ``None`` starts a local cluster.
+        num_cpus: CPUs of a local cluster started here (default: all).
+        app_name: Name of the Serve application.
+        **app_options: Passed to :func:`build_app` (``replicas``, ``max_replicas``,
+            ``num_gpus_per_replica``, ``device``, ``api_key``, ...).
+    """
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(model, **app_options), name=app_name, route_prefix="/")
+        logger.info("Serving %s on Ray Serve at http://%s:%d", model, host, port)
+        stop.wait()
+        logger.info("Stopping the Ray Serve application")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()

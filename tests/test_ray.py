@@ -1,0 +1,157 @@
+"""The Ray Serve deployment: end to end on a local Ray cluster with 2 CPU replicas, over real HTTP.
+
+The cluster is started once for the module (about a minute on 2 cores) and every wait on it is
+bounded. The replica's batching is also checked without a cluster, on the deployment class itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs the [ray] extra")
+
+import ray
+from ray import serve
+
+from qwen3_rerank_plugins import Reranker
+from qwen3_rerank_plugins.client import RerankClient
+from qwen3_rerank_plugins.ray_serve import RerankDeployment, app_builder, build_app
+from qwen3_rerank_plugins.remote import RemoteReranker
+
+pytestmark = pytest.mark.slow
+
+QUERY = "订单还没发货，能查一下吗？"
+DOCS = [
+    "[FAQ] 订单发货时间：付款后48小时内发货，可在“我的订单”中查看物流。",
+    "【发票申请指南】在订单详情页点击“申请开票”，填写抬头和税号即可。",
+    "[Policy] Refunds are issued to the original payment method within 7 business days.",
+    "",
+    "退货政策：签收后7天内可无理由退货，商品需保持完好。",
+]
+DEPLOY_TIMEOUT_S = 240
+TOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_url(tiny_model_dir: Path) -> Iterator[str]:
+    """The application on a local 2-CPU Ray cluster: 2 replicas of half a CPU each."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    app = build_app(
+        str(tiny_model_dir), replicas=2, num_cpus_per_replica=0.5, num_gpus_per_replica=0, device="cpu"
+    )
+
+    def deploy() -> None:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app, name="qwen3-rerank-test", route_prefix="/")
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pool.submit(deploy).result(timeout=DEPLOY_TIMEOUT_S)
+        yield f"http://127.0.0.1:{port}"
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"the Ray Serve application was not ready within {DEPLOY_TIMEOUT_S} s")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_scores_equal_the_local_engine(ray_url: str, reranker: Reranker) -> None:
+    with RemoteReranker(ray_url) as rr:
+        got = rr.rerank(QUERY, DOCS)
+        expected = reranker.rerank(QUERY, DOCS)
+        assert [r.index for r in got] == [r.index for r in expected]
+        assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=TOL)
+        assert rr.score(QUERY, DOCS, "customer_service_faq") == pytest.approx(
+            reranker.score(QUERY, DOCS, "customer_service_faq"), abs=TOL
+        )
+        assert rr.model_name == reranker.model_name
+    with RerankClient(ray_url) as client:
+        hits = client.rank(QUERY, [{"id": f"Q-{i}", "text": t} for i, t in enumerate(DOCS)], top_n=2)
+        assert [h.id for h in hits] == [f"Q-{r.index}" for r in expected[:2]]
+        assert [h.band for h in hits] == [r.band for r in expected[:2]]
+
+
+def test_concurrent_requests_are_spread_over_both_replicas(ray_url: str, reranker: Reranker) -> None:
+    expected = reranker.score(QUERY, DOCS)
+
+    def one(_: int) -> tuple[str, list[float]]:
+        with httpx.Client(base_url=ray_url, timeout=60) as http:
+            replica = http.get("/health").json()["replica"]
+            body = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).json()
+        scores = [0.0] * len(DOCS)
+        for r in body["results"]:
+            scores[r["index"]] = r["relevance_score"]
+        return replica, scores
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(32), timeout=120))
+    assert len({replica for replica, _ in answers}) == 2
+    for _, scores in answers:
+        assert scores == pytest.approx(expected, abs=TOL)
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(ray_url: str) -> None:
+    with httpx.Client(base_url=ray_url, timeout=60) as http:
+        bad = http.post("/v1/rerank", json={"query": QUERY, "documents": ["ok", 7]})
+        assert bad.status_code == 422
+        assert bad.json()["error"]["param"] == "documents[1]"
+        assert http.post("/v1/rerank", content=b"{not json").status_code == 400
+        assert (
+            http.post("/rank", json={"query": QUERY, "documents": [{"id": [1], "text": "x"}]}).status_code
+            == 422
+        )
+        assert http.get("/nowhere").status_code == 404
+        too_many = http.post("/v1/rerank", json={"query": QUERY, "documents": ["x"] * 1001})
+        assert too_many.status_code == 413
+        ok = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1})
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 1
+        assert http.get("/v1/models").json()["data"][0]["id"]
+
+
+# -- without a cluster --------------------------------------------------------------------------
+
+
+def test_merged_batches_score_exactly_and_isolate_failures(tiny_model_dir: Path, reranker: Reranker) -> None:
+    replica = RerankDeployment(str(tiny_model_dir), device="cpu")
+    requests = [
+        (QUERY, DOCS, None),
+        ("发票怎么开", DOCS[:2], "customer_service_faq"),
+        ("发票怎么开", DOCS[2:], None),
+        (None, DOCS[:1], None),  # fails the merged call of its instruction; scored alone, fails alone
+        (QUERY, DOCS[:1], "   "),  # the engine refuses a blank instruction
+    ]
+    out = replica._score_merged(requests)
+    assert out[0][0] == pytest.approx(reranker.score(QUERY, DOCS, return_logits=True), abs=1e-5)
+    assert out[0][1] == reranker.count_tokens(QUERY, DOCS)
+    assert out[1][0] == pytest.approx(
+        reranker.score("发票怎么开", DOCS[:2], "customer_service_faq", return_logits=True), abs=1e-5
+    )
+    assert out[2][0] == pytest.approx(reranker.score("发票怎么开", DOCS[2:], return_logits=True), abs=1e-5)
+    assert isinstance(out[3], TypeError)
+    assert isinstance(out[4], ValueError)
+
+
+def test_app_builder_reads_serve_run_arguments(tiny_model_dir: Path) -> None:
+    assert app_builder({"model": str(tiny_model_dir), "replicas": "2", "device": "cpu"}) is not None
+    with pytest.raises(ValueError, match="replicas must be an integer, got 'two'"):
+        app_builder({"model": str(tiny_model_dir), "replicas": "two"})
+    with pytest.raises(ValueError, match="app_builder needs model="):
+        app_builder({"replicas": "2"})
+    with pytest.raises(ValueError, match=r"max_replicas must be an int >= replicas \(3\)"):
+        build_app(str(tiny_model_dir), replicas=3, max_replicas=2, num_gpus_per_replica=0)
