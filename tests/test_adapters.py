@@ -1,0 +1,195 @@
+"""What the LlamaIndex and LangChain adapters share: settings, async behaviour, packaging."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from langchain_core.documents import Document
+from llama_index.core import VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
+from llama_index.core.schema import MetadataMode, TextNode
+from pydantic import ValidationError
+
+from qwen3_rerank_plugins import Reranker
+from qwen3_rerank_plugins.langchain import Qwen3CrossEncoder, Qwen3RerankCompressor
+from qwen3_rerank_plugins.llama_index import Qwen3Rerank
+
+FILLER = "居民反映情况属实，需要尽快处理。" * 12
+TEXTS = [
+    f"{text} 第{i}条补充说明：{FILLER}"
+    for i in range(4)
+    for text in (
+        "建国路88号小区3号楼电梯故障，居民被困二十分钟",
+        "朝阳区建国路某小区电梯多次停运，物业一直未维修",
+        "海淀区中关村大街路灯不亮，夜间出行不便",
+        "[FAQ] Elevator outages: report to the property manager, then call 12345.",
+        "【发票申请指南】在订单详情页点击“申请开票”，填写抬头和税号即可。",
+        "小区供暖温度不达标，室内只有16度",
+    )
+]
+QUERIES = ("朝阳区建国路电梯又坏了", "建国路噪音扰民")
+
+ENGINE_FIELD_ERRORS = [
+    ({"max_length": 0}, "max_length"),
+    ({"batch_tokens": 0}, "batch_tokens"),
+    ({"instruction": "  "}, "instruction must not be empty"),
+    ({"topn": 3}, "Extra inputs are not permitted"),
+    ({"model": "other/model"}, "not both"),
+    ({"device": "cpu"}, "not both"),
+    ({"dtype": "float16"}, "not both"),
+]
+SELECTION_ERRORS = [
+    ({"top_n": 0}, "top_n"),
+    ({"top_n": -1}, "top_n"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"threshold": -0.1}, "threshold"),
+]
+
+
+INVALID_SETTINGS = [
+    *[
+        (cls, *case)
+        for cls in (Qwen3Rerank, Qwen3RerankCompressor)
+        for case in ENGINE_FIELD_ERRORS + SELECTION_ERRORS
+    ],
+    *[(Qwen3CrossEncoder, *case) for case in [*ENGINE_FIELD_ERRORS, ({"top_n": 3}, "Extra inputs")]],
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "match"), INVALID_SETTINGS)
+def test_invalid_settings(reranker, cls, kwargs, match):
+    with pytest.raises(ValidationError, match=match):
+        cls(reranker=reranker, **kwargs)
+
+
+def test_model_none_needs_an_engine():
+    for cls in (Qwen3Rerank, Qwen3RerankCompressor, Qwen3CrossEncoder):
+        with pytest.raises(ValidationError, match="pass that engine again as reranker="):
+            cls(model=None)
+
+
+# ------------------------------------------------------------------ async really concurrent
+
+
+class _CompressorWithoutSyncPath(Qwen3RerankCompressor):
+    """The async path must not fall back on the sync one (LangChain's run_in_executor default)."""
+
+    def compress_documents(self, documents, query, callbacks=None):
+        raise AssertionError("acompress_documents called the sync path")
+
+
+class _PostprocessorWithoutSyncPath(Qwen3Rerank):
+    """The async path must use the engine's async call, not LlamaIndex's thread around the sync one."""
+
+    def _postprocess_nodes(self, nodes, query_bundle=None):
+        raise AssertionError("aquery went through the sync path")
+
+
+def _langchain_call(reranker: Reranker) -> tuple[Callable[[str], Awaitable[list[str]]], list[str]]:
+    compressor = _CompressorWithoutSyncPath(reranker=reranker, top_n=None)
+    docs = [Document(text, id=f"d{i}") for i, text in enumerate(TEXTS)]
+
+    async def call(query: str) -> list[str]:
+        return [d.page_content for d in await compressor.acompress_documents(docs, query)]
+
+    return call, TEXTS
+
+
+def _llama_index_call(reranker: Reranker) -> tuple[Callable[[str], Awaitable[list[str]]], list[str]]:
+    nodes = [TextNode(id_=f"n{i}", text=text, metadata={"title": "工单"}) for i, text in enumerate(TEXTS)]
+    engine = VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8)).as_query_engine(
+        llm=MockLLM(max_tokens=8),  # a short answer: echoing every prompt would outgrow the context
+        similarity_top_k=len(nodes),
+        node_postprocessors=[_PostprocessorWithoutSyncPath(reranker=reranker, top_n=None)],
+    )
+
+    async def call(query: str) -> list[str]:
+        response = await engine.aquery(query)
+        return [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in response.source_nodes]
+
+    return call, [n.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
+
+
+@pytest.mark.parametrize("make_call", [_langchain_call, _llama_index_call], ids=["langchain", "llama-index"])
+async def test_async_reranking_does_not_block_the_event_loop(reranker, make_call):
+    call, texts = make_call(reranker)
+    in_flight = 0
+    starts: list[float] = []
+    ends: list[float] = []
+    ticks_while_reranking = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks_while_reranking
+        while not done:
+            if in_flight:
+                ticks_while_reranking += 1
+            await asyncio.sleep(0.001)
+
+    async def rerank(query: str) -> list[str]:
+        nonlocal in_flight
+        in_flight += 1
+        starts.append(time.perf_counter())
+        try:
+            return await call(query)
+        finally:
+            ends.append(time.perf_counter())
+            in_flight -= 1
+
+    tick_task = asyncio.create_task(ticker())
+    try:
+        results = await asyncio.gather(*(rerank(q) for q in QUERIES))
+    finally:
+        done = True
+        await tick_task
+
+    assert max(starts) < min(ends), "the two calls did not overlap"
+    assert ticks_while_reranking >= 2, "the event loop was blocked while reranking"
+    for query, ranked in zip(QUERIES, results, strict=True):
+        scores = dict(zip(texts, reranker.score(query, texts), strict=True))
+        assert ranked == sorted(texts, key=lambda t: -scores[t])
+
+
+# ------------------------------------------------------------------ packaging
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [("llama_index", "llama_index", "llama-index"), ("langchain", "langchain_core", "langchain")],
+)
+def test_import_error_names_the_extra(module: str, blocked: str, extra: str):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules[{blocked!r}] = None  # as if the framework were not installed
+        import qwen3_rerank_plugins  # the core package does not need it
+        try:
+            import qwen3_rerank_plugins.{module}
+        except ImportError as exc:
+            print(exc)
+        else:
+            raise SystemExit("imported without {blocked}")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pip install 'qwen3-rerank-plugins[{extra}]'" in proc.stdout
+    assert f"qwen3_rerank_plugins.{module}" in proc.stdout
+
+
+def test_adapters_share_one_definition_of_their_engine_fields():
+    shared = {"model", "reranker", "instruction", "device", "dtype", "source", "max_length", "batch_tokens"}
+    fields: dict[str, Any] = {}
+    for cls in (Qwen3Rerank, Qwen3RerankCompressor, Qwen3CrossEncoder):
+        for name in shared:
+            fields.setdefault(name, cls.model_fields[name])
+            assert cls.model_fields[name].description == fields[name].description
+            assert cls.model_fields[name].default == fields[name].default
