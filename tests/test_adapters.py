@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -193,3 +194,28 @@ def test_adapters_share_one_definition_of_their_engine_fields():
             fields.setdefault(name, cls.model_fields[name])
             assert cls.model_fields[name].description == fields[name].description
             assert cls.model_fields[name].default == fields[name].default
+
+
+# ------------------------------------------------------------------ pickling
+
+
+@pytest.mark.parametrize("cls", [Qwen3Rerank, Qwen3RerankCompressor, Qwen3CrossEncoder])
+def test_pickle_carries_the_configuration_not_the_model(reranker, tiny_model_dir, hf_model, cls):
+    from_arguments = cls(model=tiny_model_dir, device="cpu", instruction="similar_ticket")
+    data = pickle.dumps(from_arguments)
+    assert len(data) < 10_000  # the weights are not in it
+    loaded = pickle.loads(data)
+    assert type(loaded) is cls and loaded.engine is reranker and loaded.instruction == "similar_ticket"
+
+    tuned = reranker.with_settings(max_length=1024, instruction="customer_service_faq")
+    loaded = pickle.loads(pickle.dumps(cls(reranker=tuned)))
+    assert loaded.reranker is None and loaded.engine.shares_model_with(reranker)
+    assert loaded.engine.max_length == 1024
+    # The engine's own instruction became the adapter's, so the scores stay the same.
+    assert loaded.instruction == tuned.instruction
+    expected = tuned.score_pairs([QUERIES])
+    assert loaded.engine.score_pairs([QUERIES], instruction=loaded.instruction) == expected
+
+    by_hand = pickle.dumps(cls(reranker=Reranker(*hf_model)))
+    with pytest.raises(ValidationError, match="pass that engine again as reranker="):
+        pickle.loads(by_hand)

@@ -128,6 +128,13 @@ class EngineSettings(BaseModel):
         """The :class:`~qwen3_rerank_plugins.Reranker` that does the scoring."""
         return self._engine
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the configuration, never the model: unpickling gets the engine from ``get_reranker``."""
+        config = {
+            name: getattr(self, name) for name, field in type(self).model_fields.items() if not field.exclude
+        }
+        return (_rebuild, (type(self), {**config, **self.engine_fields()}))
+
     def engine_fields(self) -> dict[str, Any]:
         """Field values that stand for ``reranker=`` in a saved configuration.
 
@@ -146,3 +153,7 @@ class EngineSettings(BaseModel):
         if self.instruction is None:
             fields["instruction"] = self._engine.instruction
         return fields
+
+
+def _rebuild(cls: type[EngineSettings], config: dict[str, Any]) -> EngineSettings:
+    return cls(**config)
