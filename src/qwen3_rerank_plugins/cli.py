@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .results import ConfidenceBands
 from .sources import ModelSourceError
-from .templates import list_instruction_templates
+from .templates import list_instruction_templates, resolve_instruction
 
 __all__ = ["DEFAULT_MODEL", "CommandError", "add_model_arguments", "build_parser", "load_reranker", "main"]
 
@@ -146,11 +146,13 @@ def _model_path(args: argparse.Namespace) -> Any:
     return args.model
 
 
-def _check_device(args: argparse.Namespace) -> None:
-    """Fail before any loading (or before a server starts) on an unknown or absent device."""
+def _check_options(args: argparse.Namespace) -> None:
+    """Fail before any loading (or before a server starts) on a bad device, dtype or instruction."""
     from .device import resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype, resolve_device(args.device))
+    if getattr(args, "instruction", None) is not None:
+        resolve_instruction(args.instruction)
 
 
 # -- rank ----------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     if not args.query.strip():
         raise CommandError("--query must not be empty")
     docs = _read_documents(args.docs)
-    _check_device(args)
+    _check_options(args)
     reranker = load_reranker(args, bands=_bands(args))
     start = time.perf_counter()
     results = reranker.rerank(args.query, docs, top_n=args.top_n, instruction=args.instruction)
@@ -237,7 +239,7 @@ def _terminal_width() -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    _check_device(args)
+    _check_options(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key.strip():
         raise CommandError("--api-key must not be empty")
@@ -273,7 +275,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             graceful_timeout=args.graceful_timeout,
             access_log=not args.no_access_log,
         )
-    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+    except SystemExit as exc:  # uvicorn exits this way when it cannot start
         if exc.code not in (0, None):
             raise CommandError(
                 f"could not start the server on {args.host}:{args.port} (see the log above)"
@@ -287,7 +289,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch_ui
 
-    _check_device(args)
+    _check_options(args)
     bands = _bands(args)
     reranker = load_reranker(args, bands=bands)
     logger.info("Web page on http://%s:%d", args.host, args.port)

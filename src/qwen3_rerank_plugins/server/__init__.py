@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from .._optional import require
@@ -61,9 +62,12 @@ def serve(
         **app_options: Passed to :func:`create_app` (``api_key``, ``max_documents``, ...).
 
     Raises:
+        OSError: The address cannot be listened on (in use, not this machine's, ...); raised
+            before the model starts loading.
         Exception: Whatever loading the model raised, after the server has stopped.
     """
     uvicorn = require("uvicorn", "server", "The HTTP rerank service")
+    sock = _listen(host, port)
     failures: list[BaseException] = []
     server: Any = None
 
@@ -83,6 +87,22 @@ def serve(
         lifespan="on",
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if failures:
         raise failures[0]
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a taken port fails at once, not after the model loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock

@@ -14,8 +14,10 @@ Endpoints (see ``docs/serving.md`` for the full contract):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -145,7 +147,7 @@ def create_app(
 
     async def load_in_background() -> None:
         try:
-            reranker = await asyncio.to_thread(reranker_or_factory)
+            reranker = await _call_in_daemon_thread(reranker_or_factory)
             if not hasattr(reranker, "score_pairs"):
                 raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
             await activate(reranker)
@@ -350,6 +352,35 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _call_in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``await fn()`` run in a daemon thread.
+
+    Unlike ``asyncio.to_thread``, a process told to stop while the model is still loading exits
+    at once instead of waiting for the load to finish.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(outcome: Any, failed: bool) -> None:
+        if future.done():
+            return
+        if failed:
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def work() -> None:
+        try:
+            outcome, failed = fn(), False
+        except BaseException as exc:
+            outcome, failed = exc, True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver, outcome, failed)
+
+    threading.Thread(target=work, name="qwen3-rerank-load", daemon=True).start()
+    return await future
 
 
 def _error_response(exc: RequestError) -> JSONResponse:
