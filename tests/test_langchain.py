@@ -309,7 +309,7 @@ def test_is_a_document_compressor():
 # ------------------------------------------------------------------ packaging and docs
 
 
-def test_docs_snippet_runs(tiny_model_dir, reranker, capsys):
+def test_docs_snippet_runs(tiny_model_dir, capsys):
     """Every python block of docs/langchain.md, in order, with the tiny model in place of the hub id."""
     text = (ROOT / "docs" / "langchain.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
@@ -331,12 +331,13 @@ def test_docs_snippet_runs(tiny_model_dir, reranker, capsys):
     assert namespace["answer"] == "T-0877: the property manager repaired the lift."
     assert len(namespace["docs"]) == 3
     assert all("relevance_score" in d.metadata for d in namespace["docs"])
-    # The snippet's compressor (device="auto" is the CPU here) and get_reranker share the engine.
-    assert namespace["rr"] is namespace["retriever"].base_compressor.engine is reranker
-    assert namespace["confident_only"].engine is reranker
+    # The snippet's compressor and get_reranker share the engine.
+    auto = get_reranker(tiny_model_dir)  # device="auto", as in the snippet
+    assert namespace["rr"] is namespace["retriever"].base_compressor.engine is auto
+    assert namespace["confident_only"].engine is auto
 
 
-def test_readme_section_runs(tiny_model_dir, reranker, capsys):
+def test_readme_section_runs(tiny_model_dir, capsys):
     """The python block under README's LangChain anchor, with the tiny model for the hub id."""
     section = (ROOT / "README.md").read_text(encoding="utf-8").split("<!-- section: langchain -->", 1)[1]
     blocks = re.findall(r"^```python\n(.*?)^```", section.split("<!-- section: ", 1)[0], flags=re.S | re.M)
@@ -352,4 +353,4 @@ def test_readme_section_runs(tiny_model_dir, reranker, capsys):
     assert [float(p[1]) for p in printed] == pytest.approx(
         [d.metadata["relevance_score"] for d in docs], abs=1e-3
     )
-    assert namespace["retriever"].base_compressor.engine is reranker
+    assert namespace["retriever"].base_compressor.engine is get_reranker(tiny_model_dir)  # device="auto"

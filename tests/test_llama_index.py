@@ -434,7 +434,7 @@ def _run_snippet(blocks: list[str], tiny_model_dir: Path, filename: str) -> dict
     return namespace
 
 
-def test_readme_section_runs(tiny_model_dir, reranker, capsys):
+def test_readme_section_runs(tiny_model_dir, capsys):
     blocks = _python_blocks(ROOT / "README.md", "<!-- section: llama-index -->", "<!-- section: ")
     assert len(blocks) == 1
     namespace = _run_snippet(blocks, tiny_model_dir, "README.md")
@@ -443,10 +443,10 @@ def test_readme_section_runs(tiny_model_dir, reranker, capsys):
     nodes = namespace["response"].source_nodes
     assert len(printed) == len(nodes) == 2
     assert [line.split()[0] for line in printed] == [f"{n.score:.3f}" for n in nodes]
-    assert namespace["query_engine"]._node_postprocessors[0].engine is reranker
+    assert namespace["query_engine"]._node_postprocessors[0].engine is get_reranker(tiny_model_dir)
 
 
-def test_docs_snippets_run(tiny_model_dir, reranker, capsys):
+def test_docs_snippets_run(tiny_model_dir, capsys):
     """Every python block of docs/llama_index.md, in order, with the tiny model for the hub id."""
     blocks = _python_blocks(ROOT / "docs" / "llama_index.md")
     assert len(blocks) >= 3
@@ -458,6 +458,6 @@ def test_docs_snippets_run(tiny_model_dir, reranker, capsys):
     assert [line.split()[0] for line in printed] == [n.node.node_id for n in nodes]
     assert all("retrieval_score" in n.node.metadata for n in nodes)
     assert _ids(namespace["async_nodes"]) == _ids(nodes)
-    assert namespace["rerank"].engine is namespace["rr"] is reranker
-    assert namespace["restored"].engine.shares_model_with(reranker)
+    assert namespace["rerank"].engine is namespace["rr"] is get_reranker(tiny_model_dir)  # device="auto"
+    assert namespace["restored"].engine.shares_model_with(namespace["rr"])
     assert namespace["restored"].to_dict() == namespace["confident_only"].to_dict()
