@@ -274,6 +274,14 @@ async def test_async_path_emits_events(reranker, retrieved, recorder):
     out = await Qwen3Rerank(reranker=reranker, top_n=3).apostprocess_nodes(retrieved, query_str=QUERY)
     start, end = recorder.events
     assert isinstance(start, ReRankStartEvent) and _ids(end.nodes) == _ids(out)
+    # Both events belong to the postprocessor's own span, as on the sync path.
+    assert start.span_id == end.span_id and start.span_id.startswith("Qwen3Rerank._apostprocess_nodes")
+
+
+def test_sync_events_belong_to_the_postprocessor_span(reranker, retrieved, recorder):
+    Qwen3Rerank(reranker=reranker).postprocess_nodes(retrieved, query_str=QUERY)
+    start, end = recorder.events
+    assert start.span_id == end.span_id and start.span_id.startswith("Qwen3Rerank._postprocess_nodes")
 
 
 # ------------------------------------------------------------------ edge cases
