@@ -7,6 +7,7 @@ bounded. The replica's batching is also checked without a cluster, on the deploy
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import os
 import socket
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import ray
 from ray import serve
 
 from qwen3_rerank_plugins import Reranker
+from qwen3_rerank_plugins.cli import build_parser
 from qwen3_rerank_plugins.client import RerankClient
 from qwen3_rerank_plugins.ray_serve import RerankDeployment, app_builder, build_app
 from qwen3_rerank_plugins.remote import RemoteReranker
@@ -155,3 +157,31 @@ def test_app_builder_reads_serve_run_arguments(tiny_model_dir: Path) -> None:
         app_builder({"replicas": "2"})
     with pytest.raises(ValueError, match=r"max_replicas must be an int >= replicas \(3\)"):
         build_app(str(tiny_model_dir), replicas=3, max_replicas=2, num_gpus_per_replica=0)
+
+
+# -- the Kubernetes examples --------------------------------------------------------------------
+
+
+def _manifest(name: str) -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "k8s" / name).read_text())
+
+
+def test_rayservice_manifest_builds_the_application(tiny_model_dir: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    (application,) = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
+    module, _, function = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), function)
+    args = {**application["args"], "model": str(tiny_model_dir), "num_gpus_per_replica": "0", "device": "cpu"}
+    assert builder(args) is not None
+
+
+def test_plain_server_manifests_agree_with_each_other_and_the_cli() -> None:
+    deployment, service, hpa = (_manifest(f) for f in ("deployment.yaml", "service.yaml", "hpa.yaml"))
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(container["args"])  # every flag exists in `qwen3-rerank serve`
+    assert args.func.__name__ == "_cmd_serve" and args.host == "0.0.0.0"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"

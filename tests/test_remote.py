@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -244,3 +245,13 @@ def test_vllm_prompt_format_gives_the_model_card_scores(hf_model: Any, reranker:
         rr.close()
     assert all("instruction" not in body and body["model"] == "Qwen/Qwen3-Reranker-0.6B" for body in seen)
     assert seen[0]["query"].startswith("<|im_start|>system\n") and seen[0]["query"].endswith("<Document>:")
+
+
+def test_readme_scaling_out_snippet_runs(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- section: scaling-out -->", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://rerank:8000" in code
+    exec(compile(code.replace("http://rerank:8000", url), "README.md", "exec"), {})
+    index, score, band = capsys.readouterr().out.split()
+    assert index in {"0", "1"} and 0.0 <= float(score) <= 1.0 and band in {"high", "medium", "low"}
