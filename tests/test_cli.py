@@ -6,9 +6,13 @@ runs on the tiny random model (or the demo model, built from the same recipe) on
 
 from __future__ import annotations
 
+import argparse
+import configparser
+import getpass
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -22,7 +26,9 @@ import httpx
 import pytest
 
 from qwen3_rerank_plugins import Reranker, list_instruction_templates
+from qwen3_rerank_plugins.cli import build_parser
 
+ROOT = Path(__file__).resolve().parents[1]
 QUERY = "发票怎么开"
 DOCS = [
     "【发票申请指南】在订单详情页点击“申请开票”，填写抬头和税号即可。",
@@ -357,3 +363,65 @@ def test_ui_serves_the_page_with_the_demo_banner(demo_cache: Path, background) -
     assert "random weights" in props["demo-warning"]["value"]
     assert "RANDOM weights" in page.log
     assert "Model random-qwen3-reranker-tiny on cpu (float32)" in page.log
+
+
+# -- deployment files ----------------------------------------------------------------------------
+
+
+def _serve_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a deployment's command line with the real parser; it must run ``qwen3-rerank serve``."""
+    assert Path(argv[0]).name == "qwen3-rerank", argv
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve"
+    return args
+
+
+def test_supervisor_program_starts_serve_and_outwaits_the_drain(tmp_path: Path) -> None:
+    from supervisor.options import ServerOptions
+
+    section = (ROOT / "deploy" / "supervisor" / "qwen3-rerank.conf").read_text()
+    # Only what supervisord checks on this machine changes: the user must exist, the log folder too.
+    section = section.replace("user=qwen3-rerank", f"user={getpass.getuser()}")
+    section = section.replace("/var/log/qwen3-rerank", str(tmp_path))
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[supervisord]\nlogfile={tmp_path}/d.log\npidfile={tmp_path}/d.pid\n\n{section}")
+    options = ServerOptions()
+    options.realize(args=["-c", str(conf)])
+
+    [group] = options.process_group_configs
+    [program] = group.process_configs
+    args = _serve_args(shlex.split(program.command))
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    assert program.stopsignal == signal.SIGTERM
+    assert program.stopwaitsecs > args.graceful_timeout
+    assert program.autorestart and program.stopasgroup
+
+
+def test_systemd_unit_starts_serve_and_outwaits_the_drain() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    text = (ROOT / "deploy" / "systemd" / "qwen3-rerank.service").read_text()
+    unit.read_string(text.replace("\\\n", " "))
+    service = unit["Service"]
+
+    args = _serve_args(shlex.split(service["ExecStart"]))
+    assert args.host == "0.0.0.0"
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) > args.graceful_timeout
+    assert service["Restart"] == "on-failure"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_dockerfile_starts_serve_for_cpu_and_cuda() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    instructions = dict(re.findall(r"^(ENTRYPOINT|CMD|STOPSIGNAL|EXPOSE) (.+)$", text, flags=re.MULTILINE))
+
+    args = _serve_args(json.loads(instructions["ENTRYPOINT"]) + json.loads(instructions["CMD"]))
+    assert (args.host, str(args.port)) == ("0.0.0.0", instructions["EXPOSE"])
+    assert instructions["STOPSIGNAL"] == "SIGTERM"
+    assert "ARG DEVICE=cpu" in text
+    assert re.search(r"cpu\) wheels=cpu ;;", text) and re.search(r'cuda\) wheels="\$CUDA_WHEELS" ;;', text)
+    demo = build_parser().parse_args(
+        ["serve", "--demo", "--host", "0.0.0.0"]
+    )  # the offline trial it documents
+    assert demo.demo
