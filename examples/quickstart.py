@@ -4,10 +4,11 @@ Run:
     pip install torch==2.13.0 -e ".[demo]" && python examples/quickstart.py
     python examples/quickstart.py --model /path/to/Qwen3-Reranker-0.6B     # a local copy
     python examples/quickstart.py --model Qwen/Qwen3-Reranker-4B --device cuda
+    python examples/quickstart.py --demo                                    # offline, no hub call
 
 By default it loads ``Qwen/Qwen3-Reranker-0.6B`` (Hugging Face, then ModelScope). When no model
-hub can be reached it says so and runs on a tiny demo model built locally with random weights:
-the ranking machinery is real, the scores are meaningless.
+hub can be reached it says so and runs on a tiny demo model built locally with random weights
+(so does ``--demo``): the ranking machinery is real, the scores are meaningless.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import logging
 import sys
 import time
 
-from qwen3_rerank_plugins import ModelSourceError, Reranker
+from _common import add_model_options, demo_reminder, load_reranker
+
+from qwen3_rerank_plugins import Reranker
 
 FAQ_QUERY = "订单还没发货，能查一下吗？"
 FAQ_DOCS = [
@@ -36,20 +39,6 @@ EN_DOCS = [
 ]
 
 
-def load(model: str, device: str) -> tuple[Reranker, bool]:
-    """Load the real model, or fall back to the local demo model when no hub is reachable."""
-    try:
-        return Reranker.from_pretrained(model, device=device), False
-    except ModelSourceError as exc:
-        print(f"Could not load {model!r}: no model hub is reachable from this machine.")
-        print(f"  ({str(exc).splitlines()[0]})")
-        from qwen3_rerank_plugins.demo import demo_model_dir
-
-        print("Falling back to a tiny demo model built locally with RANDOM weights.")
-        print("The ranking pipeline is real, but THE SCORES BELOW ARE MEANINGLESS.\n")
-        return Reranker.from_pretrained(demo_model_dir("tiny"), device=device), True
-
-
 def show(reranker: Reranker, query: str, docs: list[str], instruction: str | None) -> None:
     start = time.perf_counter()
     results = reranker.rerank(query, docs, instruction=instruction)
@@ -62,20 +51,15 @@ def show(reranker: Reranker, query: str, docs: list[str], instruction: str | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="Qwen/Qwen3-Reranker-0.6B", help="hub id or local directory")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    add_model_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    reranker, is_demo = load(args.model, args.device)
+    reranker, is_demo = load_reranker(args)
     print(f"Using {reranker!r}\n")
     show(reranker, FAQ_QUERY, FAQ_DOCS, "customer_service_faq")
     show(reranker, EN_QUERY, EN_DOCS, None)
-    if is_demo:
-        print(
-            "Reminder: demo model with random weights. Run with network access (or --model PATH)\n"
-            "for real scores."
-        )
+    demo_reminder(is_demo)
     return 0
 
 

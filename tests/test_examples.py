@@ -1,0 +1,253 @@
+"""Every example through its real entry point (``python examples/x.py --demo ...``), offline.
+
+Each runs in a subprocess on the tiny demo model, bounded in time, and its printed output is
+checked: ranked lists in score order, ids from the bundled data, bands, the demo warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen3_rerank_plugins import ConfidenceBands, Reranker
+from qwen3_rerank_plugins.fallback import generalize
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DATA = EXAMPLES / "data"
+TIMEOUT = 300
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _jsonl(name: str) -> list[dict]:
+    return [
+        json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def _scores(lines: list[str]) -> list[float]:
+    return [float(re.search(r"score (\d\.\d{4})", line).group(1)) for line in lines]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- bundled data -------------------------------------------------------------------------------------
+
+
+def test_bundled_data_is_labelled_and_consistent() -> None:
+    kb, faq_eval = _jsonl("faq_kb.jsonl"), _jsonl("faq_eval.jsonl")
+    tickets, hotline_eval = _jsonl("hotline_tickets.jsonl"), _jsonl("hotline_eval.jsonl")
+    assert len(faq_eval) >= 30 and len(hotline_eval) >= 20
+    assert all(
+        re.match(r"^(\[FAQ\]|\[Policy\]|\[Official Notice\]|\[Announcement\]|【)", r["text"]) for r in kb
+    )
+    kb_texts, ticket_texts = {r["text"] for r in kb}, {t["text"] for t in tickets}
+    assert len({t["id"] for t in tickets}) == len(tickets)
+    for records, texts in ((faq_eval, kb_texts), (hotline_eval, ticket_texts)):
+        for r in records:
+            assert r["query"].strip() and r["positives"]
+            assert set(r["positives"]) <= texts and set(r["negatives"]) <= texts
+            assert not set(r["positives"]) & set(r["negatives"])
+
+
+# -- quickstart ---------------------------------------------------------------------------------------
+
+
+def _ranked_blocks(out: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("Query: "):
+            current = line.removeprefix("Query: ").split("   ")[0]
+            blocks[current] = []
+        elif current and re.match(r"^\s+\d+\. \d\.\d{4} \[", line):
+            blocks[current].append(line)
+    return blocks
+
+
+def test_quickstart_demo() -> None:
+    out = _run("quickstart.py", "--demo")
+    assert "THE SCORES BELOW ARE MEANINGLESS" in out
+    blocks = _ranked_blocks(out)
+    assert list(blocks) == ["订单还没发货，能查一下吗？", "my coupon doesn't work"]
+    assert [len(lines) for lines in blocks.values()] == [5, 4]
+    for lines in blocks.values():
+        scores = [float(line.split()[1]) for line in lines]
+        assert scores == sorted(scores, reverse=True)
+        assert all(re.search(r"\[(high|medium|low)\s*\]", line) for line in lines)
+    assert any("[FAQ] 订单发货查询" in line for line in blocks["订单还没发货，能查一下吗？"])
+
+
+def test_quickstart_falls_back_when_no_hub_is_reachable() -> None:
+    out = _run("quickstart.py", env={"HF_HUB_OFFLINE": "1"})
+    assert "Could not load 'Qwen/Qwen3-Reranker-0.6B': no model hub is reachable" in out
+    assert "THE SCORES BELOW ARE MEANINGLESS" in out
+    assert len(_ranked_blocks(out)) == 2
+
+
+def test_quickstart_local_model(tiny_model_dir: Path) -> None:
+    out = _run("quickstart.py", "--model", str(tiny_model_dir), "--device", "cpu")
+    assert "MEANINGLESS" not in out
+    assert "Using Reranker('tiny-qwen3', device='cpu', dtype='float32')" in out
+
+
+# -- LlamaIndex FAQ bot -------------------------------------------------------------------------------
+
+
+def test_customer_service_faq_demo() -> None:
+    kb_ids = {r["id"] for r in _jsonl("faq_kb.jsonl")}
+    out = _run(
+        "customer_service_faq.py", "--demo", "--query", "发票怎么开", "--query", "my coupon doesn't work"
+    )
+    assert "THE SCORES BELOW ARE MEANINGLESS" in out
+    assert "LLM: extractive-echo" in out
+    questions = out.split("Q: ")[1:]
+    assert len(questions) == 2
+    for block in questions:
+        vector_ids = re.search(r"vector search order: (.*)", block).group(1).split(", ")
+        assert len(vector_ids) == 10 and set(vector_ids) <= kb_ids
+        ranked = [line for line in block.splitlines() if re.match(r"^\s+\d\. f\d\d ", line)]
+        assert len(ranked) == 3
+        ids = [line.split()[1] for line in ranked]
+        assert set(ids) <= set(vector_ids)  # the reranker reorders what retrieval found
+        assert _scores(ranked) == sorted(_scores(ranked), reverse=True)
+        # The extractive answer is the reranked top chunk.
+        top_text = next(r["text"] for r in _jsonl("faq_kb.jsonl") if r["id"] == ids[0])
+        assert re.search(r"^A: .*" + re.escape(top_text), block, re.MULTILINE)
+
+
+# -- LangChain hotline ----------------------------------------------------------------------------------
+
+
+def test_hotline_similar_cases_demo() -> None:
+    tickets = {t["id"]: t for t in _jsonl("hotline_tickets.jsonl")}
+    ticket = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了，张女士被困二十分钟"
+    out = _run("hotline_similar_cases.py", "--demo", "--ticket", ticket)
+    assert "First stage: BM25 (jieba) over 48 past tickets, top 50" in out
+    lines = out.splitlines()
+    start = lines.index(f"New ticket: {ticket}")
+    ranked = [line for line in lines[start:] if re.match(r"^\s+\d\. H-\d{4} ", line)]
+    first = ranked[:3]
+    assert _scores(first) == sorted(_scores(first), reverse=True)
+    for line in first:
+        ticket_id, band = re.search(r"(H-\d{4})  score \d\.\d{4}  \[(\w+)", line).groups()
+        assert ticket_id in tickets and band in ("high", "medium", "low")
+        assert tickets[ticket_id]["text"] in line
+    # Random weights score low, so the fallback path runs: the generalized ticket, then a flag.
+    assert f"Low confidence; retried as: {generalize(ticket)}" in out
+    assert "flagged for an operator" in out
+
+
+# -- web backend -------------------------------------------------------------------------------------
+
+
+def test_web_backend_demo_loads_the_model_once() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "web_backend.py"), "--demo", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    candidates = [{"id": t["id"], "text": t["text"]} for t in _jsonl("hotline_tickets.jsonl")[:8]]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, "web_backend.py exited early"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "web_backend.py did not start in time"
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/health").json()["demo"] is True
+        for _ in range(3):
+            body = {"ticket": "朝阳区建国路电梯又坏了", "candidates": candidates, "top_n": 3}
+            response = httpx.post(f"{url}/tickets/similar", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            payload = response.json()
+            ids = [r["id"] for r in payload["results"]]
+            assert len(ids) == 3 and set(ids) <= {c["id"] for c in candidates}
+            scores = [r["score"] for r in payload["results"]]
+            assert scores == sorted(scores, reverse=True)
+            assert payload["fell_back"] and payload["needs_review"] and payload["demo_model"]
+        bad = httpx.post(f"{url}/tickets/similar", json={"ticket": "", "candidates": []}, timeout=30)
+        assert bad.status_code == 422
+        assert httpx.get(f"{url}/health").status_code == 200  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert out.count("Model loaded once") == 1
+    assert out.count("ranked 8 candidates") == 3
+
+
+# -- HTTP service and client ------------------------------------------------------------------------------
+
+
+def test_serve_and_query_demo() -> None:
+    out = _run("serve_and_query.py", "--demo")
+    assert "THE SCORES BELOW ARE MEANINGLESS" in out
+    assert "GET /health -> {'status': 'ok'" in out
+    rerank = re.findall(r"^\s+index (\d)  relevance_score (\d\.\d{4})", out, re.MULTILINE)
+    assert len(rerank) == 3
+    assert [float(s) for _, s in rerank] == sorted((float(s) for _, s in rerank), reverse=True)
+    rank = re.findall(r"^\s+(H-\d{4})  score \d\.\d{4}  \[(\w+)", out, re.MULTILINE)
+    assert sorted(i for i, _ in rank) == ["H-1001", "H-1007", "H-1009", "H-1041"]
+    assert "A malformed request gets 422" in out
+    assert "Service stopped." in out
+
+
+# -- README ---------------------------------------------------------------------------------------------
+
+
+def _readme_python(anchor: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split(f"<!-- section: {anchor} -->", 1)[1].split("<!-- section:", 1)[0]
+    return textwrap.dedent(re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1))
+
+
+def test_readme_fallback_snippet_runs(reranker: Reranker, tiny_model_dir: Path, capsys) -> None:
+    code = _readme_python("examples").replace('"Qwen/Qwen3-Reranker-0.6B"', repr(str(tiny_model_dir)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    outcome = namespace["outcome"]
+    # The tiny model's random scores are low under the default cut-offs: the retry ran.
+    assert outcome.fell_back and outcome.retry.query == "电梯又坏了，被困"
+    assert [r.id for r in outcome.results][:1] and all(isinstance(r.id, str) for r in outcome.results)
+    assert ConfidenceBands().classify(outcome.final.best_score) == outcome.final.best_band
+    assert "needs review" in capsys.readouterr().out
