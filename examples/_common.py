@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from qwen3_rerank_plugins import ModelSourceError, Reranker, get_reranker
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DEMO_WARNING = (
     "Using a tiny demo model built locally with RANDOM weights.\n"
     "The pipeline is real, but THE SCORES BELOW ARE MEANINGLESS."
@@ -37,14 +39,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def load_reranker(args: argparse.Namespace, **settings: Any) -> tuple[Reranker, bool]:
     """The shared engine for ``args``; returns ``(reranker, is_demo)``.
 
-    Falls back to the demo model when ``--model`` cannot be fetched (no hub reachable).
+    Falls back to the demo model when the hub id ``--model`` cannot be fetched (no hub
+    reachable); a local directory that cannot be loaded ends the script with an error.
     """
     if not args.demo:
         try:
             return get_reranker(args.model, device=args.device, **settings), False
         except ModelSourceError as exc:
+            if not HUB_ID.match(args.model) or Path(args.model).exists():
+                # A local model that cannot be loaded is the user's to fix, not a reason for random weights.
+                raise SystemExit(f"error: {str(exc).splitlines()[0]}") from exc
             print(f"Could not load {args.model!r}: no model hub is reachable from this machine.")
-            print(f"  ({str(exc).splitlines()[0]})")
     from qwen3_rerank_plugins.demo import demo_model_dir
 
     print(DEMO_WARNING + "\n")

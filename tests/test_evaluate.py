@@ -246,6 +246,16 @@ def test_evaluate_none_reranks_each_querys_own_candidates(reranker: Reranker) ->
     assert again.before == report.before
 
 
+def test_evaluate_on_a_beir_directory(reranker: Reranker, tmp_path: Path) -> None:
+    data = load_beir(_write_beir(tmp_path / "mini"))
+    whole = evaluate(reranker, data, first_stage="none", ks=[1])
+    assert whole.pairs == 2 * 3  # no own candidates: every query reranks the whole corpus
+    top = evaluate(reranker, data, first_stage="bm25", ks=[1], candidates=2)
+    assert top.pairs == 2 * 2 and top.candidates == 2
+    # nDCG uses the graded qrels: q1's only relevant document has grade 2.
+    assert 0.0 <= top.after["nDCG@10"] <= 1.0
+
+
 def test_evaluate_rejects_bad_arguments(reranker: Reranker) -> None:
     with pytest.raises(ValueError, match="first_stage must be one of bm25, none"):
         evaluate(reranker, SMALL, first_stage="dense")
@@ -267,7 +277,18 @@ def test_evaluate_command(
 ) -> None:
     data = ROOT / "examples" / "data" / "hotline_eval.jsonl"
     chart = tmp_path / "out.png"
-    argv = ["evaluate", str(data), "--model", str(tiny_model_dir), "--device", "cpu", "--k", "1,3"]
+    argv = [
+        "evaluate",
+        str(data),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--k",
+        "1,3",
+        "--candidates",
+        "5",
+    ]
     assert cli.main(["--quiet", *argv, "--instruction", "similar_ticket", "--plot", str(chart)]) == 0
     out = capsys.readouterr().out
     assert "Dataset: hotline_eval.jsonl (24 queries, 48 documents)" in out

@@ -109,10 +109,26 @@ def test_quickstart_demo() -> None:
 
 
 def test_quickstart_falls_back_when_no_hub_is_reachable() -> None:
-    out = _run("quickstart.py", env={"HF_HUB_OFFLINE": "1"})
+    # Hub hosts that can never resolve (RFC 2606 ".invalid"), and no proxy: what an offline machine sees.
+    offline = {"HF_ENDPOINT": "https://huggingface.invalid", "MODELSCOPE_DOMAIN": "modelscope.invalid"}
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    out = _run("quickstart.py", env={**offline, **dict.fromkeys(proxies, "")})
     assert "Could not load 'Qwen/Qwen3-Reranker-0.6B': no model hub is reachable" in out
     assert "THE SCORES BELOW ARE MEANINGLESS" in out
     assert len(_ranked_blocks(out)) == 2
+
+
+def test_quickstart_rejects_a_missing_local_model(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), "--model", str(tmp_path / "missing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "missing" in proc.stderr
+    assert "MEANINGLESS" not in proc.stdout  # no silent switch to random weights
 
 
 def test_quickstart_local_model(tiny_model_dir: Path) -> None:

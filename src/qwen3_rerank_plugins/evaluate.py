@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -354,6 +355,13 @@ def load_dataset(path: str | Path, split: str = "test") -> EvalDataset:
 _WORD = re.compile(r"\w", re.UNICODE)
 
 
+@functools.cache
+def _jieba() -> Any:
+    jieba = require("jieba", "examples", "BM25 word segmentation")
+    jieba.setLogLevel(logging.WARNING)  # jieba logs its dictionary loading at DEBUG
+    return jieba
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased words for BM25: jieba's search-mode segmentation, punctuation dropped.
 
@@ -363,10 +371,7 @@ def tokenize(text: str) -> list[str]:
         >>> tokenize("订单还没发货 my Order")  # doctest: +SKIP
         ['订单', '还', '没', '发货', 'my', 'order']
     """
-    jieba = require("jieba", "examples", "BM25 word segmentation")
-    if not getattr(tokenize, "_quiet", False):
-        jieba.setLogLevel(logging.WARNING)  # jieba logs its dictionary loading at DEBUG
-        tokenize._quiet = True  # type: ignore[attr-defined]
+    jieba = _jieba()
     return [t.lower() for t in jieba.lcut_for_search(text) if _WORD.search(t)]
 
 
@@ -649,16 +654,6 @@ def _ks(text: str) -> list[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .cli import CommandError, load_reranker
 
@@ -691,7 +686,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` command to the ``qwen3-rerank`` parser."""
-    from .cli import add_model_arguments
+    from .cli import _positive_int, add_model_arguments
 
     p = subparsers.add_parser(
         "evaluate",
@@ -715,7 +710,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--k", type=_ks, default=[1, 3, 10], help="comma-separated hit@k cut-offs (default: 1,3,10)"
     )
     p.add_argument(
-        "--candidates", type=_positive, default=50, help="BM25 candidates per query to rerank (default: 50)"
+        "--candidates",
+        type=_positive_int,
+        default=50,
+        help="BM25 candidates per query to rerank (default: 50)",
     )
     p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
     p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
