@@ -7,9 +7,11 @@ and orders always come from the engine itself.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -600,3 +602,31 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir: Path, tmp_path: 
     assert "Batcher drained" in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+# -- the README's example ---------------------------------------------------------------------------
+
+
+def _readme_serving_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- section: serving -->", 1)[1].split("<!-- section:", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the serving section of README.md has one python example"
+    return blocks[0]
+
+
+def test_readme_example_runs_against_the_service(reranker: Reranker, capsys: pytest.CaptureFixture) -> None:
+    snippet = _readme_serving_snippet()
+    assert "http://127.0.0.1:8000" in snippet
+    with ServerThread(create_app(reranker, api_key="change-me")) as server:
+        exec(compile(snippet.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), {})
+
+    first, ranked = capsys.readouterr().out.splitlines()
+    docs = ["【发票申请指南】在订单详情页点击“申请开票”", "[Policy] 退货政策：7天无理由"]
+    best = reranker.rerank("发票怎么开", docs, top_n=1)[0]
+    index, score = first.split()
+    assert int(index) == best.index
+    assert float(score) == pytest.approx(best.score, abs=1e-6)
+    tickets = [{"id": "T-1021", "text": "建国路88号小区电梯故障"}, {"id": "T-0932", "text": "海淀区路灯不亮"}]
+    expected = reranker.rerank("朝阳区建国路电梯又坏了", tickets, instruction="similar_ticket")
+    assert [r["id"] for r in ast.literal_eval(ranked)] == [r.document["id"] for r in expected]
