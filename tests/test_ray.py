@@ -7,9 +7,14 @@ bounded. The replica's batching is also checked without a cluster, on the deploy
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +76,46 @@ def ray_url(tiny_model_dir: Path) -> Iterator[str]:
         serve.shutdown()
         ray.shutdown()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_cli_serve_ray_starts_replicas_and_stops_on_sigint() -> None:
+    """``qwen3-rerank serve --ray``; runs first, before the module's cluster exists."""
+    if not _serve_has_ray_flag():
+        pytest.skip("qwen3-rerank serve has no --ray option in this build")
+    port = _free_port()
+    command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--ray", "--demo", "--device=cpu"]
+    command += ["--replicas=2", "--cpus-per-replica=0.5", "--gpus-per-replica=0", f"--port={port}"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"serve --ray exited early: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, f"serve --ray was not ready within {DEPLOY_TIMEOUT_S} s"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        with RemoteReranker(url) as rr:
+            results = rr.rerank(QUERY, DOCS, top_n=2)
+        assert len(results) == 2 and results[0].score >= results[1].score
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _serve_has_ray_flag() -> bool:
+    return any("--ray" in action.option_strings for action in _serve_parser()._actions)
+
+
+def _serve_parser():
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return subparsers.choices["serve"]
 
 
 def test_scores_equal_the_local_engine(ray_url: str, reranker: Reranker) -> None:
