@@ -88,7 +88,9 @@ _CN_NAMES = [
     re.compile(f"(?:我姓|本人姓)[{_CJK}]"),
 ]
 
-_CN_NUM = rf"(?:[0-9０-９]+(?:[.:：][0-9０-９]+)*|[{_HAN_DIGIT}]+)"
+# The look-behinds make a match start at the first digit of a run, never inside it: without them
+# a long digit run is rescanned from every position (quadratic time on hostile input).
+_CN_NUM = rf"(?:(?<![0-9０-９])[0-9０-９]+(?:[.:：][0-9０-９]+)*|(?<![{_HAN_DIGIT}])[{_HAN_DIGIT}]+)"
 _CN_DATES = [
     re.compile(rf"{_CN_NUM}年(?:{_CN_NUM}月(?:{_CN_NUM}[日号])?)?"),
     re.compile(rf"{_CN_NUM}月(?:份|{_CN_NUM}[日号])?"),
@@ -115,13 +117,13 @@ _EN_UNITS = r"minutes?|hours?|days?|weeks?|months?|years?|times|euros?|dollars?|
 _CN_NUMBERS = [
     # Digits, with the unit they count: "3号楼", "16度", "48小时", "1201室", "20 minutes", "$25".
     re.compile(
-        rf"第?[#＃$¥￥€£]?[0-9０-９]+(?:[.,:：/-][0-9０-９]+)*(?:{_CN_UNITS}|\s+(?:{_EN_UNITS})\b)?",
+        rf"第?[#＃$¥￥€£]?(?<![0-9０-９])[0-9０-９]+(?:[.,:：/-][0-9０-９]+)*(?:{_CN_UNITS}|\s+(?:{_EN_UNITS})\b)?",
         re.IGNORECASE,
     ),
     # Chinese numerals only with a unit, or two or more of them: "二十分钟", "三次", "二十" but not
     # the 一 of "查一下" or "一直".
-    re.compile(rf"第?[{_HAN_DIGIT}]+(?:{_CN_UNITS})"),
-    re.compile(rf"(?<!万)(?!万一|千万|一一)[{_HAN_DIGIT}]{{2,}}"),
+    re.compile(rf"第?(?<![{_HAN_DIGIT}])[{_HAN_DIGIT}]+(?:{_CN_UNITS})"),
+    re.compile(rf"(?<![{_HAN_DIGIT}])(?!万一|千万|一一)[{_HAN_DIGIT}]{{2,}}"),
 ]
 
 _MONTHS = (
@@ -188,11 +190,11 @@ _EN_DANGLING = re.compile(
     re.IGNORECASE,
 )
 _SPACE_BETWEEN_CJK = re.compile(rf"(?<=[{_CJK}，。、；：！？）】」]) +(?=[{_CJK}，。、；：！？（【「])")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?，。、；：！？])")
+_SPACE_BEFORE_PUNCT = re.compile(r"(?<!\s)\s+(?=[,.;:!?，。、；：！？])")
 _REPEATED_PUNCT = re.compile(r"([,;，、；])(?:\s*[,;，、；])+")
 _DOUBLED_PARTICLE = re.compile(r"([了的])\1+")  # "丢了三天了" -> "丢了了" -> "丢了"
 _LEADING = re.compile(r"^[\s,.;:，。、；：]+")
-_TRAILING_COMMA = re.compile(r"[\s,;:，、；：]+$")
+_TRAILING_COMMA = re.compile(r"(?<![\s,;:，、；：])[\s,;:，、；：]+$")
 
 
 def generalize(query: str) -> str:
@@ -416,12 +418,14 @@ def rerank_with_fallback(
         (True, '电梯又坏了')
     """
     engine, threshold = _prepare(reranker, generalize, threshold, bands)
-    first = _attempt(engine, query, engine.rerank(query, documents, top_n, None, instruction), threshold)
+
+    def attempt(text: str) -> RerankAttempt:
+        results = engine.rerank(text, documents, top_n=top_n, instruction=instruction)
+        return _attempt(engine, text, results, threshold)
+
+    first = attempt(query)
     again = retry_query(query, first.best_score, engine.bands, generalize)
-    if again is None:
-        return FallbackRerank(first)
-    retry = _attempt(engine, again, engine.rerank(again, documents, top_n, None, instruction), threshold)
-    return FallbackRerank(first, retry)
+    return FallbackRerank(first, None if again is None else attempt(again))
 
 
 async def arerank_with_fallback(
@@ -441,13 +445,14 @@ async def arerank_with_fallback(
     off-loading.
     """
     engine, threshold = _prepare(reranker, generalize, threshold, bands)
-    results = await engine.arerank(query, documents, top_n, None, instruction)
-    first = _attempt(engine, query, results, threshold)
+
+    async def attempt(text: str) -> RerankAttempt:
+        results = await engine.arerank(text, documents, top_n=top_n, instruction=instruction)
+        return _attempt(engine, text, results, threshold)
+
+    first = await attempt(query)
     again = retry_query(query, first.best_score, engine.bands, generalize)
-    if again is None:
-        return FallbackRerank(first)
-    results = await engine.arerank(again, documents, top_n, None, instruction)
-    return FallbackRerank(first, _attempt(engine, again, results, threshold))
+    return FallbackRerank(first, None if again is None else await attempt(again))
 
 
 def _prepare(
