@@ -15,8 +15,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -182,6 +185,65 @@ def test_hotline_similar_cases_demo() -> None:
     # Random weights score low, so the fallback path runs: the generalized ticket, then a flag.
     assert f"Low confidence; retried as: {generalize(ticket)}" in out
     assert "flagged for an operator" in out
+
+
+class _ElasticsearchStandIn(BaseHTTPRequestHandler):
+    """Answers ``_bulk`` and ``_search`` as Elasticsearch does, for the example's ES code path."""
+
+    store: ClassVar[dict[str, dict]] = {}
+    searches: ClassVar[list[dict]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        if self.path.startswith("/_bulk"):
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            for action, source in zip(lines[::2], lines[1::2], strict=True):
+                self.store[action["index"]["_id"]] = source
+            answer: dict = {"errors": False, "items": []}
+        else:
+            request = json.loads(body)
+            self.searches.append({"path": self.path, **request})
+            query = request["query"]["match"]["text"]
+            scored = [(sum(ch in src["text"] for ch in set(query)), i, src) for i, src in self.store.items()]
+            hits = sorted((h for h in scored if h[0] > 0), key=lambda h: -h[0])[: request["size"]]
+            answer = {
+                "hits": {"hits": [{"_id": i, "_score": float(n), "_source": src} for n, i, src in hits]}
+            }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hotline_similar_cases_with_elasticsearch_first_stage() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ElasticsearchStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ticket = "小区电梯坏了，被困"
+        out = _run(
+            "hotline_similar_cases.py", "--demo", "--es-url", url, "--es-index", "tickets", "--es-load",
+            "--ticket", ticket,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    tickets = {t["id"]: t for t in _jsonl("hotline_tickets.jsonl")}
+    assert set(_ElasticsearchStandIn.store) == set(tickets)
+    assert _ElasticsearchStandIn.searches[0]["path"] == "/tickets/_search"
+    assert _ElasticsearchStandIn.searches[0]["size"] == 50
+    assert f"First stage: Elasticsearch {url}/tickets, top 50" in out
+    ranked = re.findall(r"^\s+\d\. (H-\d{4})  score", out, re.MULTILINE)
+    assert ranked and set(ranked) <= set(tickets)
+    # Category and resolution came back from Elasticsearch's _source.
+    first = tickets[ranked[0]]
+    assert f"{first['category']}: {first['resolution']}" in out
 
 
 # -- web backend -------------------------------------------------------------------------------------
