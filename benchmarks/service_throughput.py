@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/service_throughput.py                       # tiny demo model, CPU
     python benchmarks/service_throughput.py --concurrency 8 32 --requests 300
+    python benchmarks/service_throughput.py --threads 1 --pin      # on a small shared machine
     python benchmarks/service_throughput.py --model Qwen/Qwen3-Reranker-0.6B --device cuda
 
 Without ``--model`` the service runs the random-weight demo model (``--demo-size``, default
@@ -68,6 +69,7 @@ class Phase:
     merged_requests: float
     pairs: float
     engine_seconds: float
+    cpu_seconds: float
 
     def row(self, requests: int, docs: int) -> str:
         lat = sorted(self.latencies)
@@ -77,7 +79,7 @@ class Phase:
         return (
             f"| {self.name} | {self.clients} | {requests / self.seconds:8.1f} | "
             f"{requests * docs / self.seconds:9.1f} | {p50:7.1f} | {p95:7.1f} | {per_call:5.2f} | "
-            f"{self.engine_seconds:6.2f} / {self.seconds:6.2f} |"
+            f"{self.engine_seconds:6.2f} / {self.seconds:6.2f} | {self.cpu_seconds / requests * 1000:6.1f} |"
         )
 
 
@@ -88,6 +90,18 @@ def _requests(count: int, docs: int) -> list[dict]:
         passages = [PASSAGES[(i + j) % len(PASSAGES)] + f" (#{i}-{j})" for j in range(docs)]
         out.append({"model": "qwen3-reranker", "query": QUERIES[i % len(QUERIES)], "documents": passages})
     return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux ``/proc``; NaN elsewhere).
+
+    Unlike wall time it hardly moves when other processes load the machine.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -147,7 +161,7 @@ async def run_concurrent(
 
 
 def _phase(
-    name: str, clients: int, seconds: float, latencies: list[float], before: dict, after: dict
+    name: str, clients: int, seconds: float, latencies: list[float], before: dict, after: dict, cpu: float
 ) -> Phase:
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -161,6 +175,7 @@ def _phase(
         merged_requests=delta("qwen3_rerank_batch_requests_sum"),
         pairs=delta("qwen3_rerank_pairs_scored_total"),
         engine_seconds=delta("qwen3_rerank_batch_duration_seconds_sum"),
+        cpu_seconds=cpu,
     )
 
 
@@ -176,6 +191,14 @@ def main() -> int:
     )
     parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="the service's merge window")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; each phase keeps its best")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads of the service (OMP_NUM_THREADS; default: torch's choice)"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Linux: run the service on CPU 0 and the clients on CPU 1, as if on separate machines",
+    )
     args = parser.parse_args()
 
     model = args.model
@@ -192,7 +215,12 @@ def main() -> int:
         "--port", str(port), "--no-access-log", "--batch-wait-ms", str(args.batch_wait_ms),
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if args.pin:
+        os.sched_setaffinity(server.pid, {0})
+        os.sched_setaffinity(0, {1})
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
             deadline = time.monotonic() + 900
@@ -220,15 +248,17 @@ def main() -> int:
             best: dict[int, Phase] = {}
             worst = 0.0
             for _ in range(args.rounds):
-                before = _metrics(client)
+                before, cpu = _metrics(client), _cpu_seconds(server.pid)
                 seconds, latencies, expected = run_sequential(client, requests)
-                phase = _phase("sequential", 1, seconds, latencies, before, _metrics(client))
+                cpu = _cpu_seconds(server.pid) - cpu
+                phase = _phase("sequential", 1, seconds, latencies, before, _metrics(client), cpu)
                 if 1 not in best or phase.seconds < best[1].seconds:
                     best[1] = phase
                 for clients in args.concurrency:
-                    before = _metrics(client)
+                    before, cpu = _metrics(client), _cpu_seconds(server.pid)
                     seconds, latencies, answers = asyncio.run(run_concurrent(url, requests, clients))
-                    phase = _phase("concurrent", clients, seconds, latencies, before, _metrics(client))
+                    cpu = _cpu_seconds(server.pid) - cpu
+                    phase = _phase("concurrent", clients, seconds, latencies, before, _metrics(client), cpu)
                     if clients not in best or phase.seconds < best[clients].seconds:
                         best[clients] = phase
                     for got, want in zip(answers, expected, strict=True):
@@ -243,21 +273,30 @@ def main() -> int:
 
     print(
         f"service: {info['model']} on {info['device']} ({info['dtype']}), "
-        f"python {platform.python_version()}, {os.cpu_count()} CPUs; client and service share this machine"
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"torch threads: {args.threads or 'default'}; "
+        + ("service on CPU 0, clients on CPU 1" if args.pin else "client and service share the CPUs")
     )
     print(
         f"workload: {args.requests} requests x {args.docs} documents, the same requests in every phase; "
         f"best of {args.rounds} alternating rounds\n"
     )
-    print("| phase | clients | req/s | pairs/s | p50 ms | p95 ms | requests per call | engine s / wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| phase | clients | req/s | pairs/s | p50 ms | p95 ms | requests per call | engine s / wall s "
+        "| service CPU ms per request |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for phase in phases:
         print(phase.row(args.requests, args.docs))
     base = args.requests / phases[0].seconds
     print()
     for phase in phases[1:]:
         ratio = (args.requests / phase.seconds) / base
-        print(f"throughput with {phase.clients} concurrent clients / sequential: {ratio:.2f}x")
+        cpu_ratio = phases[0].cpu_seconds / phase.cpu_seconds
+        print(
+            f"{phase.clients} concurrent clients / sequential: throughput {ratio:.2f}x, "
+            f"requests per service CPU second {cpu_ratio:.2f}x"
+        )
     print(f"max |score difference| concurrent vs sequential, same request: {worst:.2e}")
     return 0
 
