@@ -195,8 +195,9 @@ def test_a_long_list_is_split_and_merged_in_input_order(app: Any, reranker: Rera
 
 
 def test_identical_documents_keep_input_order_across_requests(url: str) -> None:
-    # Equal-sized parts, so the engine scores each the same way and the scores tie exactly.
-    with RerankClient(url, batch_size=2) as client:
+    # Equal-sized parts sent one at a time (so the service cannot merge some of them), so the
+    # engine scores each the same way and the scores tie exactly.
+    with RerankClient(url, batch_size=2, max_concurrency=1) as client:
         hits = client.rerank(QUERY, ["同一段文字"] * 8)
     assert len({h.relevance_score for h in hits}) == 1
     assert [h.index for h in hits] == list(range(8))

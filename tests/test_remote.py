@@ -146,9 +146,11 @@ def test_ten_thousand_documents_split_across_requests_in_input_order(reranker: R
         assert [n for _, _, n in front.posts] == [1000] * 10  # the service takes at most 1000 per request
         assert scores == pytest.approx(reranker.score(QUERY, docs), abs=TOL)
         top = rr.rerank(QUERY, docs, top_n=20)
-    best = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[:20]
-    assert [r.index for r in top] == best
-    assert [r.document for r in top] == [docs[i] for i in best]
+    # The best 20 of the whole list, though each request only saw a tenth of it (compared by
+    # score: two calls may differ in the last float bit, which can swap near-equal neighbours).
+    assert [r.score for r in top] == pytest.approx(sorted(scores, reverse=True)[:20], abs=TOL)
+    assert all(r.document is docs[r.index] for r in top)
+    assert [r.score for r in top] == sorted((r.score for r in top), reverse=True)
 
 
 def test_a_server_that_fails_then_recovers(reranker: Reranker) -> None:

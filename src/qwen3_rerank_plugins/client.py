@@ -406,18 +406,23 @@ class _Attempts:
 
 
 class _ClientSettings:
-    """Arguments and validation shared by :class:`RerankClient` and :class:`AsyncRerankClient`."""
+    """Arguments, validation and request planning shared by both clients."""
+
+    #: Name of the httpx client class each client pools its connections in.
+    _http_class = "Client"
 
     def __init__(
         self,
-        base_url: str,
-        api_key: str | None,
-        timeout: float,
-        connect_timeout: float,
-        model: str | None,
-        retry: RetryPolicy | None,
-        batch_size: int,
-        max_concurrency: int,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        model: str | None = None,
+        retry: RetryPolicy | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        http_client: Any = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
@@ -435,11 +440,12 @@ class _ClientSettings:
         self.retry = retry or RetryPolicy()
         self.batch_size = batch_size
         self.max_concurrency = max_concurrency
-        self._http_kwargs: dict[str, Any] = {
-            "base_url": self.base_url,
-            "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
-            "timeout": httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
-        }
+        self._owns_client = http_client is None
+        self._http = http_client or getattr(httpx, self._http_class)(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
+        )
 
     def _rerank_requests(
         self,
@@ -489,25 +495,6 @@ class RerankClient(_ClientSettings):
     Raises:
         ValueError: A malformed ``base_url`` or a setting out of range.
     """
-
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        model: str | None = None,
-        retry: RetryPolicy | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        http_client: Any = None,
-    ) -> None:
-        super().__init__(
-            base_url, api_key, timeout, connect_timeout, model, retry, batch_size, max_concurrency
-        )
-        self._owns_client = http_client is None
-        self._http = http_client or httpx.Client(**self._http_kwargs)
 
     def _send(
         self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
@@ -613,24 +600,7 @@ class AsyncRerankClient(_ClientSettings):
     use the client from one event loop and close it with :meth:`aclose` or ``async with``.
     """
 
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        model: str | None = None,
-        retry: RetryPolicy | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        http_client: Any = None,
-    ) -> None:
-        super().__init__(
-            base_url, api_key, timeout, connect_timeout, model, retry, batch_size, max_concurrency
-        )
-        self._owns_client = http_client is None
-        self._http = http_client or httpx.AsyncClient(**self._http_kwargs)
+    _http_class = "AsyncClient"
 
     async def _send(
         self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
