@@ -78,13 +78,21 @@ def ray_url(tiny_model_dir: Path) -> Iterator[str]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def test_cli_serve_ray_starts_replicas_and_stops_on_sigint() -> None:
-    """``qwen3-rerank serve --ray``; runs first, before the module's cluster exists."""
-    if not _serve_has_ray_flag():
-        pytest.skip("qwen3-rerank serve has no --ray option in this build")
+def test_serve_ray_starts_replicas_and_stops_on_sigint() -> None:
+    """``qwen3-rerank serve --ray`` (or :func:`serve_ray` itself where the command line has no
+    ``--ray``) in a process of its own; runs first, before the module's cluster exists."""
     port = _free_port()
-    command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--ray", "--demo", "--device=cpu"]
-    command += ["--replicas=2", "--cpus-per-replica=0.5", "--gpus-per-replica=0", f"--port={port}"]
+    if _serve_has_ray_flag():
+        command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--ray", "--demo", "--device=cpu"]
+        command += ["--replicas=2", "--cpus-per-replica=0.5", "--gpus-per-replica=0", f"--port={port}"]
+    else:
+        code = (
+            "from qwen3_rerank_plugins.demo import demo_model_dir\n"
+            "from qwen3_rerank_plugins.ray_serve import serve_ray\n"
+            f"serve_ray(str(demo_model_dir('tiny')), port={port}, replicas=2, num_cpus_per_replica=0.5,"
+            " num_gpus_per_replica=0, device='cpu')\n"
+        )
+        command = [sys.executable, "-c", code]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

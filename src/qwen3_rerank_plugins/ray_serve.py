@@ -174,13 +174,16 @@ class RerankDeployment:
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        size = int(declared) if declared.isdigit() else 0
+        raw = b"" if size > self.max_body_bytes else await request.body()
+        size = max(size, len(raw))
+        if size > self.max_body_bytes:
             raise RequestError(
-                f"request body is {declared} bytes; this service accepts at most {self.max_body_bytes} bytes",
+                f"request body is {size} bytes; this service accepts at most {self.max_body_bytes} bytes",
                 status_code=413,
                 type="body_too_large",
             )
-        return parse_json_body(await request.body())
+        return parse_json_body(raw)
 
     async def _rerank(self, body: Mapping[str, Any]) -> dict[str, Any]:
         req = parse_rerank(body, max_documents=self.max_documents)
