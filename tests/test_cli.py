@@ -165,12 +165,14 @@ def test_rank_reads_stdin_and_prints_json(tiny_model_dir: Path, reranker: Rerank
             "step_by_step",
             "--model",
             str(tiny_model_dir),
+            "--quiet",
         ],
         entry=MODULE,
         stdin="\n".join(DOCS) + "\n",
     )
 
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # --quiet: no log lines, no progress bars
     payload = json.loads(done.stdout)
     expected = reranker.rerank(QUERY, DOCS, top_n=2, instruction="step_by_step")
     assert payload["query"] == QUERY and payload["instruction"] == "step_by_step"

@@ -90,6 +90,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _verbosity_arguments(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """``-v/--verbose`` and ``--quiet``, accepted before and after the command name."""
+    # A command's own copy must not reset what was given before the command name.
+    default = False if top_level else argparse.SUPPRESS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug logging, tracebacks on errors"
+    )
+    group.add_argument("--quiet", action="store_true", default=default, help="log warnings and errors only")
+
+
 def _bands_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--band-high", type=_probability, default=0.85, help="score for the high band (default: 0.85)"
@@ -365,6 +376,7 @@ def _add_rank(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _bands_arguments(p)
     add_model_arguments(p)
+    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_rank)
 
 
@@ -424,6 +436,7 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     _bands_arguments(p)
     add_model_arguments(p)
+    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -437,6 +450,7 @@ def _add_ui(subparsers: Any) -> None:
     p.add_argument("--port", type=_port, default=7860, help="TCP port (default: 7860)")
     _bands_arguments(p)
     add_model_arguments(p)
+    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_ui)
 
 
@@ -447,6 +461,7 @@ def _add_templates(subparsers: Any) -> None:
         description='Named instruction templates, usable as --instruction NAME or "instruction": NAME.',
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_templates)
 
 
@@ -482,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Qwen3-Reranker from the command line: rank, serve over HTTP, web page.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
-    verbosity.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    _verbosity_arguments(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_rank(subparsers)
     _add_serve(subparsers)
@@ -510,6 +523,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
             "modelscope",
         ):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if args.quiet:
+        # Download and weight-loading progress bars too.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _one_line(exc: BaseException) -> str:
