@@ -98,7 +98,7 @@ def test_instructions_and_settings(remote: RemoteReranker, reranker: Reranker) -
         and strict.instruction == reranker.with_settings(instruction="similar_ticket").instruction
     )
     assert strict._conn is remote._conn  # one connection pool for both
-    with pytest.raises(TypeError, match="max_length belong to the server's model"):
+    with pytest.raises(TypeError, match="max_length is a setting of the server's model"):
         remote.with_settings(max_length=512)
     with pytest.raises(TypeError, match="unknown RemoteReranker settings: colour"):
         remote.with_settings(colour="red")

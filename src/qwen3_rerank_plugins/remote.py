@@ -184,9 +184,10 @@ class RemoteReranker:
         """
         server_side = sorted(set(settings) & set(_SERVER_SETTINGS))
         if server_side:
+            what = "is a setting" if len(server_side) == 1 else "are settings"
             raise TypeError(
-                f"{', '.join(server_side)} belong to the server's model, not to a RemoteReranker; "
-                "set them where the server is started (e.g. qwen3-rerank serve --max-length)"
+                f"{', '.join(server_side)} {what} of the server's model, not of a RemoteReranker; "
+                "set it where the server is started (e.g. qwen3-rerank serve --max-length)"
             )
         settings.pop("show_progress", None)  # nothing to show: the work happens on the server
         unknown = sorted(set(settings) - {"instruction", "bands"})
