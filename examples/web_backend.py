@@ -98,6 +98,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
             "results": [r.to_dict(include_document=False) for r in outcome.results],
             "query_used": outcome.final.query,
             "fell_back": outcome.fell_back,
+            "retried_query": outcome.retry.query if outcome.retry is not None else None,
             "needs_review": outcome.needs_review,
             "demo_model": request.app.state.is_demo,
         }
