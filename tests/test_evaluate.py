@@ -261,6 +261,8 @@ def test_evaluate_rejects_bad_arguments(reranker: Reranker) -> None:
         evaluate(reranker, SMALL, first_stage="dense")
     with pytest.raises(ValueError, match="k must be a positive int"):
         evaluate(reranker, SMALL, ks=[0])
+    with pytest.raises(ValueError, match="dataset 'empty' has no queries"):
+        evaluate(reranker, EvalDataset(name="empty", documents=(), doc_ids=(), queries=()))
 
 
 def test_plot_report_writes_a_png(reranker: Reranker, tmp_path: Path) -> None:

@@ -103,6 +103,11 @@ def hit_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int) -> 
 def mrr_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int = 10) -> float:
     """Reciprocal rank of the first relevant document within the first ``k``, else 0.0.
 
+    Args:
+        ranking: Document keys, best first.
+        relevance: Relevance grade per document key; a grade > 0 is relevant.
+        k: Cut-off (10 for MRR@10).
+
     Example:
         >>> mrr_at_k(["a", "b", "c"], {"b": 1, "c": 1})
         0.5
@@ -120,6 +125,14 @@ def ndcg_at_k(ranking: Sequence[Any], relevance: Mapping[Any, float], k: int = 1
     ``DCG = sum(rel_i / log2(i + 1))`` over the first ``k`` ranks; the ideal DCG sorts *all*
     judged relevant documents, retrieved or not, so a relevant document the first stage missed
     lowers the score.
+
+    Args:
+        ranking: Document keys, best first.
+        relevance: Relevance grade per document key (the gain); a grade > 0 is relevant.
+        k: Cut-off (10 for nDCG@10).
+
+    Returns:
+        A number in [0, 1]; 0.0 when nothing is relevant.
 
     Example:
         >>> round(ndcg_at_k(["a", "b"], {"b": 1}), 4)  # 1/log2(3) over 1/log2(2)
@@ -202,6 +215,12 @@ def load_jsonl(path: str | Path) -> EvalDataset:
     Identical document texts are stored once, so a document may be positive for one query and a
     negative for another.
 
+    Args:
+        path: The JSONL file.
+
+    Returns:
+        The dataset; each query's ``candidates`` are its positives then its negatives.
+
     Raises:
         FileNotFoundError: The file does not exist.
         ValueError: A line is not JSON or lacks a query or a positive (the message names the line).
@@ -280,6 +299,13 @@ def load_beir(path: str | Path, split: str = "test") -> EvalDataset:
     A document's title, when present, is put before its text. Queries without a relevant
     document in the qrels are left out (as ``trec_eval`` does).
 
+    Args:
+        path: The directory.
+        split: Which ``qrels/<split>.tsv`` to read.
+
+    Returns:
+        The dataset; its queries have no own candidates (the whole corpus is the pool).
+
     Raises:
         FileNotFoundError: A required file is missing (the message names it).
         ValueError: A file is malformed, or the qrels name unknown ids.
@@ -339,7 +365,16 @@ def _is_number(text: str) -> bool:
 
 
 def load_dataset(path: str | Path, split: str = "test") -> EvalDataset:
-    """Load a JSONL file (:func:`load_jsonl`) or a BEIR/MTEB directory (:func:`load_beir`)."""
+    """Load a JSONL file (:func:`load_jsonl`) or a BEIR/MTEB directory (:func:`load_beir`).
+
+    Args:
+        path: A ``.jsonl`` file or a directory.
+        split: The qrels split of a directory.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The data is malformed (the message names the file and line).
+    """
     path = Path(path)
     if path.is_dir():
         return load_beir(path, split)
@@ -366,6 +401,15 @@ def tokenize(text: str) -> list[str]:
     """Lower-cased words for BM25: jieba's search-mode segmentation, punctuation dropped.
 
     Works for Chinese, English and mixed text (jieba keeps Latin words whole).
+
+    Args:
+        text: Any text.
+
+    Returns:
+        The tokens, in order (search mode adds the shorter words inside long ones).
+
+    Raises:
+        ImportError: jieba is missing (the message names the ``[examples]`` extra).
 
     Example:
         >>> tokenize("订单还没发货 my Order")  # doctest: +SKIP
@@ -547,6 +591,8 @@ def evaluate(
     Raises:
         ValueError: On an unknown first stage or a bad ``ks`` / ``candidates``.
     """
+    if not dataset.queries:
+        raise ValueError(f"dataset {dataset.name!r} has no queries")
     if first_stage not in FIRST_STAGES:
         raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
     ks = tuple(sorted({_check_k(k) for k in ks}))
