@@ -196,6 +196,7 @@ def build_ui(
                     label="Ranked documents",
                     interactive=False,
                     wrap=True,
+                    column_widths=["10%", "14%", "12%", "64%"],
                     elem_id="results",
                 )
                 status = gr.Markdown(elem_id="status")
