@@ -199,6 +199,48 @@ def test_unchanged_cohere_sdk_clients_work(service: ServerThread, reranker: Rera
     assert [r.document.text for r in got_v1.results] == [DOCS[i] for i, _ in expected]
 
 
+# What the Jina and vLLM rerank clients send, as their API documentation and examples write it,
+# and the response fields those clients read.
+THIRD_PARTY_REQUESTS = [
+    (
+        "jina",
+        "/v1/rerank",
+        {"model": "jina-reranker-v2-base-multilingual", "query": QUERY, "top_n": 3, "documents": DOCS},
+    ),
+    (
+        "jina-objects",
+        "/v1/rerank",
+        {"model": "jina-reranker-m0", "query": QUERY, "documents": [{"text": d} for d in DOCS]},
+    ),
+    ("vllm", "/rerank", {"model": "Qwen/Qwen3-Reranker-0.6B", "query": QUERY, "documents": DOCS}),
+    (
+        "vllm-v1",
+        "/v1/rerank",
+        {"model": "Qwen/Qwen3-Reranker-0.6B", "query": QUERY, "documents": DOCS, "top_n": 0},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [c[1:] for c in THIRD_PARTY_REQUESTS], ids=[c[0] for c in THIRD_PARTY_REQUESTS]
+)
+def test_jina_and_vllm_requests_get_what_their_clients_read(
+    http: httpx.Client, reranker: Reranker, path: str, body: dict
+) -> None:
+    response = http.post(path, json=body, headers={"Authorization": "Bearer ignored-when-no-key-is-set"})
+
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert isinstance(payload["usage"]["total_tokens"], int) and payload["model"] and payload["id"]
+    expected = _expected(reranker, QUERY, DOCS, top_n=body.get("top_n") or None)
+    assert [(r["index"], r["document"]["text"]) for r in payload["results"]] == [
+        (i, DOCS[i]) for i, _ in expected
+    ]
+    assert [r["relevance_score"] for r in payload["results"]] == pytest.approx(
+        [s for _, s in expected], abs=1e-6
+    )
+
+
 # -- /rank ------------------------------------------------------------------------------------------
 
 
@@ -524,6 +566,35 @@ def test_fifty_concurrent_clients_all_get_their_own_correct_answer(reranker: Rer
     assert after[pairs] - before.get(pairs, 0) == total_pairs
     assert after[merged] - before.get(merged, 0) == clients
     assert after[calls] - before.get(calls, 0) < clients  # requests were merged into fewer engine calls
+
+
+def test_a_full_queue_answers_503_with_retry_after(reranker: Reranker) -> None:
+    # The worker waits 1.5 s after the first request, so the first two stay queued meanwhile.
+    app = create_app(reranker, max_queue=2, batch_wait_ms=1500)
+    body = {"query": QUERY, "documents": DOCS}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        queued: list[httpx.Response] = []
+        threads = [
+            threading.Thread(
+                target=lambda: queued.append(httpx.post(f"{server.url}/v1/rerank", json=body, timeout=60))
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _metrics(client)[("qwen3_rerank_queue_depth", ())] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = client.post("/v1/rerank", json=body)
+        for t in threads:
+            t.join(timeout=60)
+        after = client.post("/v1/rerank", json=body)
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "overloaded"
+    assert [r.status_code for r in queued] == [200, 200]
+    assert after.status_code == 200
 
 
 # -- graceful shutdown ------------------------------------------------------------------------------
