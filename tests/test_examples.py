@@ -1,7 +1,8 @@
 """Every example through its real entry point (``python examples/x.py --demo ...``), offline.
 
 Each runs in a subprocess on the tiny demo model, bounded in time, and its printed output is
-checked: ranked lists in score order, ids from the bundled data, bands, the demo warning.
+checked: ranked lists in score order, ids from the bundled data, bands, the demo warning. The
+subprocess tests are marked ``slow`` (10-20 s each: every one imports torch and the frameworks).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DATA = EXAMPLES / "data"
 TIMEOUT = 300
-
-pytestmark = pytest.mark.slow
 
 
 def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -98,6 +97,7 @@ def _ranked_blocks(out: str) -> dict[str, list[str]]:
     return blocks
 
 
+@pytest.mark.slow
 def test_quickstart_demo() -> None:
     out = _run("quickstart.py", "--demo")
     assert "THE SCORES BELOW ARE MEANINGLESS" in out
@@ -111,6 +111,7 @@ def test_quickstart_demo() -> None:
     assert any("[FAQ] 订单发货查询" in line for line in blocks["订单还没发货，能查一下吗？"])
 
 
+@pytest.mark.slow
 def test_quickstart_falls_back_when_no_hub_is_reachable() -> None:
     # Hub hosts that can never resolve (RFC 2606 ".invalid"), and no proxy: what an offline machine sees.
     offline = {"HF_ENDPOINT": "https://huggingface.invalid", "MODELSCOPE_DOMAIN": "modelscope.invalid"}
@@ -121,6 +122,7 @@ def test_quickstart_falls_back_when_no_hub_is_reachable() -> None:
     assert len(_ranked_blocks(out)) == 2
 
 
+@pytest.mark.slow
 def test_quickstart_rejects_a_missing_local_model(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "quickstart.py"), "--model", str(tmp_path / "missing")],
@@ -134,6 +136,7 @@ def test_quickstart_rejects_a_missing_local_model(tmp_path: Path) -> None:
     assert "MEANINGLESS" not in proc.stdout  # no silent switch to random weights
 
 
+@pytest.mark.slow
 def test_quickstart_local_model(tiny_model_dir: Path) -> None:
     out = _run("quickstart.py", "--model", str(tiny_model_dir), "--device", "cpu")
     assert "MEANINGLESS" not in out
@@ -143,6 +146,7 @@ def test_quickstart_local_model(tiny_model_dir: Path) -> None:
 # -- LlamaIndex FAQ bot -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_customer_service_faq_demo() -> None:
     kb_ids = {r["id"] for r in _jsonl("faq_kb.jsonl")}
     out = _run(
@@ -168,6 +172,7 @@ def test_customer_service_faq_demo() -> None:
 # -- LangChain hotline ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hotline_similar_cases_demo() -> None:
     tickets = {t["id"]: t for t in _jsonl("hotline_tickets.jsonl")}
     ticket = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了，张女士被困二十分钟"
@@ -220,6 +225,7 @@ class _ElasticsearchStandIn(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_hotline_similar_cases_with_elasticsearch_first_stage() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ElasticsearchStandIn)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -249,6 +255,7 @@ def test_hotline_similar_cases_with_elasticsearch_first_stage() -> None:
 # -- web backend -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_web_backend_demo_loads_the_model_once() -> None:
     port = _free_port()
     proc = subprocess.Popen(
@@ -297,6 +304,7 @@ def test_web_backend_demo_loads_the_model_once() -> None:
 # -- HTTP service and client ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_and_query_demo() -> None:
     out = _run("serve_and_query.py", "--demo")
     assert "THE SCORES BELOW ARE MEANINGLESS" in out
