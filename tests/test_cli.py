@@ -427,3 +427,54 @@ def test_dockerfile_starts_serve_for_cpu_and_cuda() -> None:
         ["serve", "--demo", "--host", "0.0.0.0"]
     )  # the offline trial it documents
     assert demo.demo
+
+
+def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The deploy program section under a real supervisord; only the machine-specific parts change."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = [*MODULE, "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), "--graceful-timeout", "30"]  # fmt: skip
+    section = (ROOT / "deploy" / "supervisor" / "qwen3-rerank.conf").read_text()
+    section = re.sub(r"^command=.*?\n(?=\S)", f"command={shlex.join(serve)}\n", section, flags=re.M | re.S)
+    section = section.replace("user=qwen3-rerank", f"user={getpass.getuser()}")
+    section = section.replace("directory=/opt/qwen3-rerank", f"directory={tmp_path}")
+    section = section.replace("/var/log/qwen3-rerank", str(tmp_path))
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[unix_http_server]\nfile={tmp_path}/supervisor.sock\n\n"
+        f"[supervisord]\nnodaemon=true\nlogfile={tmp_path}/supervisord.log\npidfile={tmp_path}/supervisord.pid\n\n"
+        "[rpcinterface:supervisor]\n"
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
+        f"[supervisorctl]\nserverurl=unix://{tmp_path}/supervisor.sock\n\n{section}"
+    )
+    ctl = [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf)]
+    daemon = Background(
+        ["-m", "supervisor.supervisord", "-c", str(conf)], tmp_path / "d.out", entry=[sys.executable]
+    )
+    try:
+        daemon.wait_http(f"{url}/health")
+        first = int(run(["pid", "qwen3-rerank"], entry=ctl).stdout)
+        os.kill(first, signal.SIGKILL)  # a crash: supervisor starts it again
+        deadline = time.monotonic() + TIMEOUT
+        while (second := run(["pid", "qwen3-rerank"], entry=ctl).stdout.strip()) in ("", "0", str(first)):
+            assert time.monotonic() < deadline, "supervisor did not restart the service"
+            time.sleep(0.2)
+        restarted = daemon.wait_http(f"{url}/health")
+        stopped = run(["stop", "qwen3-rerank"], entry=ctl)
+        status = run(["status", "qwen3-rerank"], entry=ctl)
+        run(["shutdown"], entry=ctl)
+        daemon.proc.wait(timeout=60)
+    finally:
+        daemon.stop()
+
+    assert restarted.json()["status"] == "ok" and int(second) != first
+    assert stopped.stdout.strip() == "qwen3-rerank: stopped"
+    assert status.stdout.split()[:2] == ["qwen3-rerank", "STOPPED"]
+    service_log = (tmp_path / "service.log").read_text()
+    assert service_log.count("Serving tiny-qwen3 on cpu (float32)") == 2
+    assert "Batcher drained; shutting down" in service_log
+    supervisor_log = (tmp_path / "supervisord.log").read_text()
+    assert "stopped: qwen3-rerank (terminated by SIGTERM)" in supervisor_log
