@@ -277,12 +277,10 @@ def run_worker(path: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     if path == "engine" and spec.get("linearity"):
         base = latency_request()
-        base.instruction = resolve_instruction(base.instruction)
-        doubled = Request(base.query, base.documents + base.documents[::-1], base.instruction)
-        quadrupled = Request(base.query, doubled.documents * 2, base.instruction)
+        docs, instruction = base.documents, resolve_instruction(base.instruction)
         result["linearity"] = {
-            len(r.documents): min(_timed(score, r, 8192, device)[0] for _ in range(2))
-            for r in (base, doubled, quadrupled)
+            n: _timed(score, Request(base.query, (docs * 2)[:n], instruction), 8192, device)[0]
+            for n in (5, 10, 20)
         }
     return result
 
@@ -353,9 +351,7 @@ def _machine(device: str) -> dict[str, str]:
             names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
         model = names[0] if names else platform.processor()
         mem_gb = _status_meminfo_gb()
-        info["device"] = (
-            f"{model}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, {torch.get_num_threads()} torch threads"
-        )
+        info["device"] = f"{model}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM"
         info["cpu capability"] = torch.backends.cpu.get_cpu_capability()
     return info
 
@@ -376,7 +372,7 @@ def _load_average() -> str:
 
 
 def _run_path(path: str, spec_file: Path, timeout: float) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", dir=WORK, delete=False) as fh:
+    with tempfile.NamedTemporaryFile(suffix=".json", dir=spec_file.parent, delete=False) as fh:
         result_file = Path(fh.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--spec", str(spec_file)]
     cmd += ["--result", str(result_file)]
@@ -499,7 +495,7 @@ def _tables(summary: dict[str, Any], results: list[dict[str, Any]]) -> str:
         ]
     engine = by_path.get("engine", {})
     if "linearity" in engine:
-        lines += ["", "Engine cost against the number of documents (W1 entries, best of 2):", ""]
+        lines += ["", "Engine cost against the number of documents (W1 entries, one run each):", ""]
         lines += ["| documents | seconds | seconds per document |", "|---:|---:|---:|"]
         lines += [
             f"| {n} | {s:.2f} | {s / int(n):.3f} |"
@@ -510,7 +506,7 @@ def _tables(summary: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _chart(summary: dict[str, Any], out: Path) -> None:
+def _chart(summary: dict[str, Any], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -530,7 +526,7 @@ def _chart(summary: dict[str, Any], out: Path) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
     ax.set_yscale("log")
     ax.set_ylabel("pairs/s (log)")
-    ax.set_title("Qwen3-Reranker-0.6B shape, random weights, CPU fp32 (higher is better)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out)
@@ -625,13 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load_average()
     model_dir, random_weights = _model_dir(args)
     workloads = build_workloads(sizes, args.workloads.split(",") if args.workloads else None)
-    spec_file = WORK / "spec.json"
-    spec_file.write_text(json.dumps(_spec(args, model_dir, workloads), ensure_ascii=False))
     if args.reuse:  # re-render a previous run's raw results
         results = json.loads(args.reuse.read_text())
     else:
-        results = [_run_path(path, spec_file, args.timeout) for path in paths]
-        (WORK / "last-results.json").write_text(json.dumps(results))
+        with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+            spec_file = Path(tmp) / "spec.json"
+            spec_file.write_text(json.dumps(_spec(args, model_dir, workloads), ensure_ascii=False))
+            results = [_run_path(path, spec_file, args.timeout) for path in paths]
+        if not args.quick:
+            (WORK / "last-results.json").write_text(json.dumps(results))
     summary = _summarise(results, workloads)
     tables = _tables(summary, results)
     elapsed = time.perf_counter() - started
@@ -645,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         else args.model
     )
     header = [f"- model: {model_line}", f"- device / dtype: {args.device} / {args.dtype}"]
+    header += [f"- torch threads per path: {args.threads or 'torch default'}"]
     header += [f"- {k}: {v}" for k, v in machine.items()]
     header += [f"- workloads ({sizes} sizes): " + "; ".join(f"{w.name} {w.description}" for w in workloads)]
     report = "\n".join(header) + "\n\n" + tables + "\n"
@@ -660,12 +659,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     (WORK / "last-run.json").write_text(json.dumps({"summary": summary, "machine": machine}, indent=1))
     _write_results(out, report, args)
-    _chart(summary, out.with_name("results.png"))
+    shape = f"{args.shape} shape, random weights" if random_weights else args.model
+    _chart(
+        summary,
+        out.with_name("results.png"),
+        f"Qwen3-Reranker ({shape}), {args.device}: pairs/s, higher is better",
+    )
     return 0
 
 
 def _write_results(out: Path, report: str, args: argparse.Namespace) -> None:
     command = "python benchmarks/run.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    command += f" --threads {args.threads}" if args.threads else ""
     gpu_note = (
         ""
         if args.device.startswith("cuda")

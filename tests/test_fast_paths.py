@@ -80,7 +80,8 @@ def test_cost_is_linear_in_documents(reranker: Reranker):
     per_copy = counts[1] - counts[0]
     assert per_copy > 0
     assert counts[2] - counts[1] == 2 * per_copy  # each extra document costs the same tokens
-    assert counts[0] - per_copy < per_copy  # the constant part (the prefix) is read once
+    head, _ = reranker._encode_group(reranker.instruction, FAQ_QUERY, [])
+    assert counts[0] - per_copy == len(reranker._core.prefix_ids) + len(head)  # the prefix, read once
 
 
 def test_padding_stays_small_with_mixed_lengths(reranker: Reranker):
@@ -125,7 +126,8 @@ def test_bfloat16_path_keeps_a_float32_head_and_tracks_float32(tiny_model_dir: P
     # bfloat16 keeps about 3 significant digits; the tiny model's log-odds move by hundredths.
     assert max(abs(a - b) for a, b in zip(fp32, low, strict=True)) < 0.1
     assert spearman(fp32, low) > 0.5
-    assert bf16.score(FAQ_QUERY, [docs[0], docs[0]]) == [bf16.score(FAQ_QUERY, [docs[0]])[0]] * 2
+    first, again = bf16.score(FAQ_QUERY, [docs[0], docs[0]])
+    assert first == again  # deterministic within a call
 
 
 # ------------------------------------------------------------------ benchmark harness

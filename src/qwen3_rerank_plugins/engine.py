@@ -56,6 +56,8 @@ Document = str | Mapping[str, Any]
 DEFAULT_MAX_LENGTH = 8192
 _DEFAULT_BATCH_TOKENS = {"cpu": 4096, "mps": 8192, "cuda": 32768}
 _DEFAULT_MAX_BATCH_SIZE = 128
+# Largest share of padding tolerated in a batch that is already big enough to run efficiently.
+_MAX_PADDING = 0.1
 # Below this many documents per query, a separate forward pass for the shared prefix costs more
 # than it saves; such pairs run as whole sequences batched across queries.
 _MIN_GROUP_FOR_PREFIX_CACHE = 2
@@ -299,15 +301,26 @@ class _Job:
 
 
 def _batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> Iterable[list[int]]:
-    """Indices into ``lengths`` grouped longest first so each padded batch stays under the budget."""
+    """Indices into ``lengths`` grouped longest first so each padded batch stays under the budget.
+
+    A batch is also closed early, once it holds an eighth of the budget in real tokens, before a
+    row that would make more than :data:`_MAX_PADDING` of it padding: a forward pass of that size
+    already runs at full speed, so splitting costs nothing while padding costs its share.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    min_tokens = batch_tokens // 8
     batch: list[int] = []
+    real = 0
     for i in order:
         width = lengths[batch[0]] if batch else lengths[i]
-        if batch and ((len(batch) + 1) * width > batch_tokens or len(batch) >= max_batch_size):
+        rows = len(batch) + 1
+        full = rows * width > batch_tokens or len(batch) >= max_batch_size
+        wasteful = real >= min_tokens and real + lengths[i] < (1 - _MAX_PADDING) * rows * width
+        if batch and (full or wasteful):
             yield batch
-            batch = []
+            batch, real = [], 0
         batch.append(i)
+        real += lengths[i]
     if batch:
         yield batch
 
