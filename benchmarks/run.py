@@ -629,6 +629,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = "cuda" if args.device.startswith("cuda") else "cpu"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})"
+            )
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     sizes = "quick" if args.quick else (args.sizes or ("cpu" if device == "cpu" else "issue"))
     paths = args.paths.split(",") if args.paths else (QUICK_PATHS if args.quick else DEFAULT_PATHS[device])
