@@ -15,6 +15,7 @@ import logging
 
 from .device import resolve_device, resolve_dtype
 from .engine import Document, Reranker, clear_reranker_cache, get_reranker
+from .fallback import FallbackRerank, RerankAttempt, generalize, rerank_with_fallback
 from .results import Band, ConfidenceBands, RerankResult
 from .sources import ModelSourceError
 from .templates import (
@@ -34,15 +35,19 @@ __all__ = [
     "Band",
     "ConfidenceBands",
     "Document",
+    "FallbackRerank",
     "InstructionTemplate",
     "ModelSourceError",
+    "RerankAttempt",
     "RerankResult",
     "Reranker",
     "__version__",
     "clear_reranker_cache",
+    "generalize",
     "get_reranker",
     "list_instruction_templates",
     "register_instruction_template",
+    "rerank_with_fallback",
     "resolve_device",
     "resolve_dtype",
     "resolve_instruction",

@@ -11,36 +11,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from . import engine as _engine_module
-from .engine import Reranker, get_reranker
+from .engine import Reranker, get_reranker, loaded_with
+from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
+from .remote import RemoteReranker
+from .results import RerankResult
 from .templates import InstructionTemplate, resolve_instruction
 
-__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "EngineSettings", "load_arguments"]
+__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "EngineSettings", "FallbackSetting"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 #: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
 LOAD_FIELDS = ("model", "device", "dtype", "source")
-
-
-def load_arguments(engine: Reranker) -> dict[str, str] | None:
-    """The ``get_reranker`` arguments that load ``engine``'s weights, or ``None`` if unknown.
-
-    Known for weights that :func:`~qwen3_rerank_plugins.get_reranker` loaded with the default
-    revision, cache and attention; an engine built by hand has no such arguments.
-    """
-    with _engine_module._registry_lock:
-        keys = [key for key, core in _engine_module._models.items() if core is engine._core]
-    for name, device, dtype, source, revision, cache_dir, attn in keys:
-        if revision is None and cache_dir == "None" and attn == "sdpa":
-            return {"model": name, "device": device, "dtype": dtype.removeprefix("torch."), "source": source}
-    return None
 
 
 class EngineSettings(BaseModel):
@@ -54,7 +43,13 @@ class EngineSettings(BaseModel):
 
     model: str | None = DEFAULT_MODEL
     """Hub id (``"Qwen/Qwen3-Reranker-4B"``) or local directory of a Qwen3-Reranker."""
-    reranker: Reranker | None = Field(default=None, exclude=True)
+    base_url: str | None = None
+    """URL of a rerank service to score on instead of a local model: this project's
+    ``qwen3-rerank serve``, its Ray Serve deployment, or vLLM (anything speaking ``/v1/rerank``).
+    ``model``, ``device``, ``dtype`` and ``source`` are then ignored."""
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+    """Bearer key of the ``base_url`` service (default: ``$QWEN3_RERANK_API_KEY``); never serialised."""
+    reranker: Reranker | RemoteReranker | None = Field(default=None, exclude=True)
     """An existing engine to use instead of loading one from ``model``. Cannot be combined with
     ``model``, ``device``, ``dtype`` or ``source``; never serialised."""
     instruction: str | InstructionTemplate | None = None
@@ -72,7 +67,7 @@ class EngineSettings(BaseModel):
     batch_tokens: int | None = Field(default=None, gt=0)
     """Token budget of one forward pass; ``None`` keeps the engine's device default."""
 
-    _engine: Reranker = PrivateAttr()
+    _engine: Reranker | RemoteReranker = PrivateAttr()
 
     @field_validator("model", mode="before")
     @classmethod
@@ -101,7 +96,18 @@ class EngineSettings(BaseModel):
             for name in ("max_length", "batch_tokens")
             if getattr(self, name) is not None
         }
-        if self.reranker is not None:
+        if self.base_url is not None:
+            clashing = sorted(
+                {"reranker", *overrides} & {n for n in self.model_fields_set if getattr(self, n) is not None}
+            )
+            if clashing:
+                raise ValueError(
+                    f"base_url= scores on a remote service; {', '.join(clashing)}= cannot apply to it "
+                    "(set the model's settings where the service runs)"
+                )
+            api_key = self.api_key or os.environ.get("QWEN3_RERANK_API_KEY") or None
+            self._engine = get_reranker(base_url=self.base_url, api_key=api_key)
+        elif self.reranker is not None:
             clashing = sorted(set(LOAD_FIELDS) & self.model_fields_set)
             if clashing:
                 raise ValueError(
@@ -124,8 +130,9 @@ class EngineSettings(BaseModel):
         return self
 
     @property
-    def engine(self) -> Reranker:
-        """The :class:`~qwen3_rerank_plugins.Reranker` that does the scoring."""
+    def engine(self) -> Reranker | RemoteReranker:
+        """The engine that does the scoring: a local :class:`~qwen3_rerank_plugins.Reranker`, or a
+        :class:`~qwen3_rerank_plugins.remote.RemoteReranker` with ``base_url``."""
         return self._engine
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -147,7 +154,12 @@ class EngineSettings(BaseModel):
         """
         if self.reranker is None:
             return {}
-        fields: dict[str, Any] = load_arguments(self._engine) or {"model": None}
+        if isinstance(self._engine, RemoteReranker):
+            fields = {"model": None, "base_url": self._engine.base_url}
+            if self.instruction is None:
+                fields["instruction"] = self._engine.settings()["instruction"]
+            return fields
+        fields: dict[str, Any] = loaded_with(self._engine) or {"model": None}
         fields["max_length"] = self._engine.max_length
         fields["batch_tokens"] = self._engine.batch_tokens
         if self.instruction is None:
@@ -157,3 +169,35 @@ class EngineSettings(BaseModel):
 
 def _rebuild(cls: type[EngineSettings], config: dict[str, Any]) -> EngineSettings:
     return cls(**config)
+
+
+class FallbackSetting(BaseModel):
+    """The ``fallback`` field of the reranking adapters (mixed in after :class:`EngineSettings`)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", use_attribute_docstrings=True)
+
+    fallback: bool | Callable[[str], str] = Field(default=False, exclude=True)
+    """When the best score is in the low band, rewrite the query more generally and rerank
+    again, keeping the better attempt: ``True`` uses the rule-based
+    :func:`~qwen3_rerank_plugins.fallback.generalize`, or pass any ``str -> str`` callable."""
+
+    def _generalizer(self) -> Callable[[str], str] | None:
+        return None if self.fallback is True else self.fallback  # type: ignore[return-value]
+
+    def _rerank(
+        self, query: str, texts: list[str], **kwargs: Any
+    ) -> tuple[list[RerankResult], FallbackRerank | None]:
+        if not self.fallback:
+            return self._engine.rerank(query, texts, **kwargs), None
+        outcome = rerank_with_fallback(self._engine, query, texts, generalize=self._generalizer(), **kwargs)
+        return list(outcome.results), outcome
+
+    async def _arerank(
+        self, query: str, texts: list[str], **kwargs: Any
+    ) -> tuple[list[RerankResult], FallbackRerank | None]:
+        if not self.fallback:
+            return await self._engine.arerank(query, texts, **kwargs), None
+        outcome = await arerank_with_fallback(
+            self._engine, query, texts, generalize=self._generalizer(), **kwargs
+        )
+        return list(outcome.results), outcome

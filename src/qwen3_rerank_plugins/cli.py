@@ -255,6 +255,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise CommandError("--api-key must not be empty")
     bands = _bands(args)
+    if args.ray:
+        return _serve_on_ray(args, api_key, bands)
+    ray_only = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
+    if ray_only:
+        raise CommandError(f"{', '.join(ray_only)} only apply with --ray")
     settings: dict[str, Any] = {}
     if args.instruction is not None:
         settings["instruction"] = args.instruction
@@ -291,6 +296,46 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"could not start the server on {args.host}:{args.port} (see the log above)"
             ) from exc
+    return 0
+
+
+_RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
+
+
+def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: ConfidenceBands) -> int:
+    from .ray_serve import serve_ray
+
+    replicas = args.replicas or 1
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        raise CommandError(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({replicas})")
+    model = _model_path(args)
+    logger.info(
+        "Starting the rerank service on Ray Serve at http://%s:%d (API key %s)",
+        args.host,
+        args.port,
+        "required" if api_key else "not required",
+    )
+    serve_ray(
+        os.fspath(model),
+        host=args.host,
+        port=args.port,
+        address=args.ray_address,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        num_cpus_per_replica=args.cpus_per_replica,
+        num_gpus_per_replica=args.gpus_per_replica,
+        device=args.device,
+        dtype=args.dtype,
+        source=args.source,
+        max_length=args.max_length,
+        instruction=args.instruction,
+        bands=(bands.high, bands.medium),
+        api_key=api_key,
+        max_documents=args.max_documents,
+        max_body_bytes=args.max_body_bytes,
+        batch_wait_ms=args.batch_wait_ms,
+        model_name=args.served_model_name,
+    )
     return 0
 
 
@@ -434,6 +479,21 @@ def _add_serve(subparsers: Any) -> None:
         help="seconds to let in-flight requests finish on shutdown (default: 30)",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    ray = p.add_argument_group("Ray Serve (extra [ray])")
+    ray.add_argument(
+        "--ray", action="store_true", help="serve on Ray Serve: replicas of the model behind one endpoint"
+    )
+    ray.add_argument("--replicas", type=_positive_int, help="replicas (default: one per GPU, else 1)")
+    ray.add_argument("--max-replicas", type=_positive_int, help="autoscale between --replicas and this")
+    ray.add_argument(
+        "--cpus-per-replica", type=_non_negative_float, help="CPUs reserved per replica (default: 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=_non_negative_float,
+        help="GPUs per replica (default: 1 when CUDA is present and --device is not cpu, else 0)",
+    )
+    ray.add_argument("--ray-address", help="Ray cluster to join ('auto': the local one; default: start one)")
     _bands_arguments(p)
     add_model_arguments(p)
     _verbosity_arguments(p)

@@ -26,15 +26,16 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .device import resolve_device, resolve_dtype
+from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
 from .results import ConfidenceBands, RerankResult
 from .sources import resolve_model_dir, validate_model_dir
 from .templates import (
@@ -46,7 +47,10 @@ from .templates import (
     resolve_instruction,
 )
 
-__all__ = ["Document", "Reranker", "clear_reranker_cache", "get_reranker"]
+if TYPE_CHECKING:
+    from .remote import RemoteReranker
+
+__all__ = ["Document", "Reranker", "clear_reranker_cache", "get_reranker", "loaded_with"]
 
 logger = logging.getLogger(__name__)
 
@@ -717,6 +721,53 @@ class Reranker:
         """:meth:`rerank` in a worker thread; the event loop keeps running."""
         return await asyncio.to_thread(partial(self.rerank, query, documents, *args, **kwargs))
 
+    # -- low-confidence fallback ----------------------------------------------------------------
+
+    def rerank_with_fallback(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        generalize: Callable[[str], str] | None = None,
+    ) -> FallbackRerank:
+        """:meth:`rerank`; if the best score is in the low band, generalize the query and rerank again.
+
+        See :func:`qwen3_rerank_plugins.fallback.rerank_with_fallback`; both attempts are returned.
+        """
+        return rerank_with_fallback(
+            self,
+            query,
+            documents,
+            generalize=generalize,
+            top_n=top_n,
+            threshold=threshold,
+            instruction=instruction,
+        )
+
+    async def arerank_with_fallback(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        generalize: Callable[[str], str] | None = None,
+    ) -> FallbackRerank:
+        """:meth:`rerank_with_fallback` with the model in a worker thread."""
+        return await arerank_with_fallback(
+            self,
+            query,
+            documents,
+            generalize=generalize,
+            top_n=top_n,
+            threshold=threshold,
+            instruction=instruction,
+        )
+
     # -- internals ----------------------------------------------------------------------------
 
     def _encode_group(
@@ -868,8 +919,10 @@ def get_reranker(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = "sdpa",
+    base_url: str | None = None,
+    api_key: str | None = None,
     **settings: Any,
-) -> Reranker:
+) -> Reranker | RemoteReranker:
     """A process-wide shared :class:`Reranker`: the same arguments give the same object.
 
     The weights are shared more widely still: calls that differ only in scoring settings
@@ -877,11 +930,25 @@ def get_reranker(
     loaded model, so a LlamaIndex postprocessor and a LangChain compressor in one process load
     the model once.
 
+    With ``base_url`` nothing is loaded here: the result is a shared
+    :class:`~qwen3_rerank_plugins.remote.RemoteReranker` with the same scoring methods, backed by
+    a service speaking ``/v1/rerank`` (``qwen3-rerank serve``, its Ray Serve deployment, vLLM).
+
     Args:
         model_name_or_path, device, dtype, source, revision, cache_dir, attn_implementation:
             As for :meth:`Reranker.from_pretrained`; they decide which weights are loaded.
-        **settings: Scoring settings as for :class:`Reranker`.
+        base_url: URL of a rerank service to score on instead of a local model (needs the
+            ``[server]`` extra for its HTTP client); the loading arguments are then ignored.
+        api_key: Bearer key of that service.
+        **settings: Scoring settings as for :class:`Reranker` (for a remote reranker: those a
+            client can choose, such as ``instruction`` and ``bands``).
+
+    Example:
+        >>> rr = get_reranker("Qwen/Qwen3-Reranker-0.6B")  # doctest: +SKIP
+        >>> remote = get_reranker(base_url="http://rerank:8000")  # doctest: +SKIP
     """
+    if base_url is not None:
+        return _get_remote_reranker(base_url, api_key, settings)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name = os.fspath(model_name_or_path)
@@ -917,6 +984,39 @@ def get_reranker(
             _models[load_key] = reranker._core
         _rerankers[full_key] = reranker
         return reranker
+
+
+def _get_remote_reranker(base_url: str, api_key: str | None, settings: dict[str, Any]) -> RemoteReranker:
+    from .remote import RemoteReranker
+
+    connection_key = ("remote", base_url.rstrip("/"), api_key)
+    full_key = (connection_key, _freeze(settings))
+    with _registry_lock:
+        if full_key not in _rerankers:
+            base = _rerankers.get((connection_key, ()))
+            if base is None:
+                base = _rerankers[(connection_key, ())] = RemoteReranker(base_url, api_key=api_key)
+            # with_settings names any setting that belongs to the server's model.
+            _rerankers[full_key] = base.with_settings(**settings) if settings else base
+        return _rerankers[full_key]
+
+
+def loaded_with(reranker: Reranker) -> dict[str, str] | None:
+    """The :func:`get_reranker` arguments that loaded ``reranker``'s weights, or ``None``.
+
+    Known for weights that :func:`get_reranker` loaded with the default revision, cache and
+    attention; an engine built by hand (``Reranker(model, tokenizer)``) has none.
+
+    Returns:
+        ``{"model", "device", "dtype", "source"}`` or ``None``.
+    """
+    core = getattr(reranker, "_core", None)
+    with _registry_lock:
+        keys = [key for key, loaded in _models.items() if loaded is core]
+    for name, device, dtype, source, revision, cache_dir, attn in keys:
+        if revision is None and cache_dir == "None" and attn == "sdpa":
+            return {"model": name, "device": device, "dtype": dtype.removeprefix("torch."), "source": source}
+    return None
 
 
 def clear_reranker_cache() -> None:

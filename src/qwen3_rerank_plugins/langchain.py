@@ -31,8 +31,9 @@ from typing import Any
 
 from pydantic import Field
 
-from ._adapters import EngineSettings
+from ._adapters import EngineSettings, FallbackSetting
 from ._optional import require
+from .fallback import FallbackRerank
 from .results import RerankResult
 
 try:
@@ -49,7 +50,7 @@ __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
 logger = logging.getLogger(__name__)
 
 
-def _reranked_copy(doc: Document, result: RerankResult) -> Document:
+def _reranked_copy(doc: Document, result: RerankResult, outcome: FallbackRerank | None = None) -> Document:
     """A copy of ``doc`` (same class, id and page content) with the score in its metadata."""
     try:
         metadata = copy.deepcopy(doc.metadata)
@@ -58,10 +59,13 @@ def _reranked_copy(doc: Document, result: RerankResult) -> Document:
         metadata = dict(doc.metadata)
     metadata["relevance_score"] = result.score
     metadata["relevance_band"] = result.band
+    if outcome is not None:
+        metadata["needs_review"] = outcome.needs_review
+        metadata["reranked_query"] = outcome.final.query
     return doc.model_copy(update={"metadata": metadata})
 
 
-class Qwen3RerankCompressor(EngineSettings, BaseDocumentCompressor):
+class Qwen3RerankCompressor(EngineSettings, FallbackSetting, BaseDocumentCompressor):
     """Rerank retrieved documents with Qwen3-Reranker, for ``ContextualCompressionRetriever``.
 
     Documents are scored on their ``page_content``. The result is new ``Document`` objects,
@@ -112,8 +116,8 @@ class Qwen3RerankCompressor(EngineSettings, BaseDocumentCompressor):
         """
         if not documents:
             return []
-        results = self._engine.rerank(query, [d.page_content for d in documents], **self._rerank_kwargs())
-        return [_reranked_copy(documents[r.index], r) for r in results]
+        results, outcome = self._rerank(query, [d.page_content for d in documents], **self._rerank_kwargs())
+        return [_reranked_copy(documents[r.index], r, outcome) for r in results]
 
     async def acompress_documents(
         self,
@@ -133,10 +137,10 @@ class Qwen3RerankCompressor(EngineSettings, BaseDocumentCompressor):
         """
         if not documents:
             return []
-        results = await self._engine.arerank(
+        results, outcome = await self._arerank(
             query, [d.page_content for d in documents], **self._rerank_kwargs()
         )
-        return [_reranked_copy(documents[r.index], r) for r in results]
+        return [_reranked_copy(documents[r.index], r, outcome) for r in results]
 
 
 class Qwen3CrossEncoder(EngineSettings, BaseCrossEncoder):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ._adapters import LOAD_FIELDS, EngineSettings
+from ._adapters import LOAD_FIELDS, EngineSettings, FallbackSetting
 from ._optional import require
 from .results import RerankResult
 
@@ -51,7 +51,7 @@ dispatcher = get_dispatcher(__name__)
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 
 
-class Qwen3Rerank(EngineSettings, BaseNodePostprocessor):
+class Qwen3Rerank(EngineSettings, FallbackSetting, BaseNodePostprocessor):
     """Rerank retrieved nodes with Qwen3-Reranker (a LlamaIndex node postprocessor).
 
     Each node is scored on ``node.get_content(metadata_mode=MetadataMode.EMBED)``, so titles and
@@ -138,7 +138,7 @@ class Qwen3Rerank(EngineSettings, BaseNodePostprocessor):
         if not nodes:
             return []
         with self._reranking(nodes, query_bundle) as finish:
-            return finish(self._engine.rerank(query, _node_texts(nodes), **self._rerank_kwargs()))
+            return finish(self._rerank(query, _node_texts(nodes), **self._rerank_kwargs())[0])
 
     @dispatcher.span
     async def _apostprocess_nodes(
@@ -150,14 +150,15 @@ class Qwen3Rerank(EngineSettings, BaseNodePostprocessor):
         if not nodes:
             return []
         with self._reranking(nodes, query_bundle) as finish:
-            return finish(await self._engine.arerank(query, _node_texts(nodes), **self._rerank_kwargs()))
+            return finish((await self._arerank(query, _node_texts(nodes), **self._rerank_kwargs()))[0])
 
     def _rerank_kwargs(self) -> dict[str, Any]:
         return {"top_n": self.top_n, "threshold": self.threshold, "instruction": self.instruction}
 
     @property
     def _model_name(self) -> str:
-        return self.model if self.reranker is None and self.model is not None else self._engine.model_name
+        local = self.reranker is None and self.base_url is None and self.model is not None
+        return self.model if local else self._engine.model_name
 
     @contextmanager
     def _reranking(

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..fallback import retry_query
 from ..results import ConfidenceBands
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -341,11 +342,24 @@ def create_app(
         body = await read_json(request)
         req = parse_rank(body, max_documents=max_documents)
         scored = await score(req.query, req.texts, req.instruction, count_tokens=False)
+        logits, extra = scored.logits, {}
+        if req.fallback and logits:
+            best = sigmoid(max(logits))
+            again = retry_query(req.query, best, bands)
+            if again is not None:
+                retry = await score(again, req.texts, req.instruction, count_tokens=False)
+                if sigmoid(max(retry.logits)) > best:
+                    logits, best = retry.logits, sigmoid(max(retry.logits))
+            extra["fallback"] = {
+                "retried_query": again,
+                "used_query": req.query if logits is scored.logits else again,
+                "needs_review": bands.classify(best) == "low",
+            }
         results = []
-        for i in ranked_order(scored.logits, req.top_n):
-            value = sigmoid(scored.logits[i])
+        for i in ranked_order(logits, req.top_n):
+            value = sigmoid(logits[i])
             results.append({"id": req.ids[i], "index": i, "score": value, "band": bands.classify(value)})
-        return JSONResponse({"model": state.model_name, "results": results})
+        return JSONResponse({"model": state.model_name, "results": results, **extra})
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

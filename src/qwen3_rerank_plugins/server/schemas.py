@@ -99,6 +99,7 @@ class RankRequest:
     ids: list[Any]
     top_n: int | None
     instruction: str | None
+    fallback: bool = False
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -280,7 +281,14 @@ def parse_rank(body: Mapping[str, Any], *, max_documents: int) -> RankRequest:
                 f"{label}.id must be a string or an integer, got {_json_type(doc_id)}", param=f"{label}.id"
             )
         ids.append(doc_id)
-    return RankRequest(query=query, texts=texts, ids=ids, top_n=_top_n(body), instruction=_instruction(body))
+    return RankRequest(
+        query=query,
+        texts=texts,
+        ids=ids,
+        top_n=_top_n(body),
+        instruction=_instruction(body),
+        fallback=_flag(body, "fallback", False),
+    )
 
 
 def sigmoid(x: float) -> float:
