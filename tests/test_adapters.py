@@ -16,10 +16,10 @@ from langchain_core.documents import Document
 from llama_index.core import VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
-from llama_index.core.schema import MetadataMode, TextNode
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from pydantic import ValidationError
 
-from qwen3_rerank_plugins import Reranker
+from qwen3_rerank_plugins import ConfidenceBands, Reranker
 from qwen3_rerank_plugins.langchain import Qwen3CrossEncoder, Qwen3RerankCompressor
 from qwen3_rerank_plugins.llama_index import Qwen3Rerank
 
@@ -219,3 +219,123 @@ def test_pickle_carries_the_configuration_not_the_model(reranker, tiny_model_dir
     by_hand = pickle.dumps(cls(reranker=Reranker(*hf_model)))
     with pytest.raises(ValidationError, match="pass that engine again as reranker="):
         pickle.loads(by_hand)
+
+
+# -- remote backend: base_url on both adapters and get_reranker ----------------------------------
+
+REMOTE_QUERY = "朝阳区建国路电梯又坏了"
+REMOTE_TEXTS = TEXTS[:6]
+
+
+@pytest.fixture(scope="module")
+def service_url(reranker: Reranker):
+    from qwen3_rerank_plugins.server import create_app
+    from test_client import live_server
+
+    with live_server(create_app(reranker)) as url:
+        yield url
+
+
+def _nodes(texts: list[str]) -> list[NodeWithScore]:
+    return [NodeWithScore(node=TextNode(text=t, id_=f"T-{i}"), score=0.5) for i, t in enumerate(texts)]
+
+
+def test_get_reranker_with_base_url_is_a_shared_remote_engine(service_url, reranker):
+    from qwen3_rerank_plugins import get_reranker
+    from qwen3_rerank_plugins.remote import RemoteReranker
+
+    remote = get_reranker(base_url=service_url)
+    assert isinstance(remote, RemoteReranker)
+    assert get_reranker(base_url=service_url + "/") is remote
+    assert remote.score(REMOTE_QUERY, REMOTE_TEXTS) == pytest.approx(
+        reranker.score(REMOTE_QUERY, REMOTE_TEXTS), abs=1e-6
+    )
+    with pytest.raises(TypeError, match="max_length"):
+        get_reranker(base_url=service_url, max_length=512)
+
+
+def test_both_adapters_score_on_a_remote_service(service_url, reranker):
+    expected = reranker.rerank(REMOTE_QUERY, REMOTE_TEXTS, top_n=3)
+
+    compressor = Qwen3RerankCompressor(base_url=service_url, top_n=3)
+    docs = [Document(text, id=f"T-{i}") for i, text in enumerate(REMOTE_TEXTS)]
+    got = compressor.compress_documents(docs, REMOTE_QUERY)
+    assert [d.id for d in got] == [f"T-{r.index}" for r in expected]
+    assert [d.metadata["relevance_score"] for d in got] == pytest.approx(
+        [r.score for r in expected], abs=1e-6
+    )
+
+    postprocessor = Qwen3Rerank(base_url=service_url, top_n=3)
+    nodes = [
+        NodeWithScore(node=TextNode(text=t, id_=f"T-{i}"), score=0.5) for i, t in enumerate(REMOTE_TEXTS)
+    ]
+    ranked = postprocessor.postprocess_nodes(nodes, query_str=REMOTE_QUERY)
+    assert [n.node.node_id for n in ranked] == [f"T-{r.index}" for r in expected]
+    assert [n.score for n in ranked] == pytest.approx([r.score for r in expected], abs=1e-6)
+    assert compressor.engine is postprocessor.engine  # one pooled client per service
+
+    saved = postprocessor.to_dict()
+    assert saved["base_url"] == service_url and "api_key" not in saved
+    assert Qwen3Rerank.from_dict(saved).engine is postprocessor.engine
+
+
+def test_base_url_rejects_settings_that_belong_to_the_server(service_url, reranker):
+    with pytest.raises(ValidationError, match="max_length"):
+        Qwen3RerankCompressor(base_url=service_url, max_length=512)
+    with pytest.raises(ValidationError, match="reranker"):
+        Qwen3Rerank(base_url=service_url, reranker=reranker)
+
+
+def test_unreachable_service_is_a_clear_error():
+    from qwen3_rerank_plugins.client import RerankServiceError
+    from test_client import _closed_port_url
+
+    compressor = Qwen3RerankCompressor(base_url=_closed_port_url(), top_n=1)
+    with pytest.raises(RerankServiceError, match="could not reach"):
+        compressor.compress_documents([Document("x")], "q")
+
+
+# -- low-confidence fallback from the adapters' settings -----------------------------------------
+
+
+@pytest.fixture()
+def always_low(reranker: Reranker) -> Reranker:
+    """The tiny engine with cut-offs that put every random score in the low band."""
+    return reranker.with_settings(bands=ConfidenceBands(high=1.0, medium=1.0))
+
+
+FALLBACK_QUERY = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了"
+
+
+def test_langchain_fallback_retries_with_the_generalized_query(always_low):
+    outcome = always_low.rerank_with_fallback(FALLBACK_QUERY, REMOTE_TEXTS, top_n=2)
+    assert outcome.fell_back and outcome.needs_review
+    compressor = Qwen3RerankCompressor(reranker=always_low, top_n=2, fallback=True)
+    docs = [Document(text, id=f"T-{i}") for i, text in enumerate(REMOTE_TEXTS)]
+    got = compressor.compress_documents(docs, FALLBACK_QUERY)
+    assert [d.id for d in got] == [f"T-{r.index}" for r in outcome.results]
+    assert all(d.metadata["needs_review"] is True for d in got)
+    assert {d.metadata["reranked_query"] for d in got} == {outcome.final.query}
+    assert all("needs_review" not in d.metadata for d in docs)
+
+    custom = Qwen3RerankCompressor(reranker=always_low, top_n=2, fallback=lambda q: "电梯坏了")
+    assert {d.metadata["reranked_query"] for d in custom.compress_documents(docs, FALLBACK_QUERY)} <= {
+        FALLBACK_QUERY,
+        "电梯坏了",
+    }
+    plain = Qwen3RerankCompressor(reranker=always_low, top_n=2)
+    assert all("needs_review" not in d.metadata for d in plain.compress_documents(docs, FALLBACK_QUERY))
+
+
+async def test_llama_index_fallback_sync_and_async(always_low):
+    outcome = always_low.rerank_with_fallback(FALLBACK_QUERY, REMOTE_TEXTS, top_n=3)
+    postprocessor = Qwen3Rerank(reranker=always_low, top_n=3, fallback=True)
+    nodes = [
+        NodeWithScore(node=TextNode(text=t, id_=f"T-{i}"), score=0.5) for i, t in enumerate(REMOTE_TEXTS)
+    ]
+    expected = [f"T-{r.index}" for r in outcome.results]
+    ranked = postprocessor.postprocess_nodes(nodes, query_str=FALLBACK_QUERY)
+    assert [n.node.node_id for n in ranked] == expected
+    assert [n.score for n in ranked] == pytest.approx([r.score for r in outcome.results], abs=1e-6)
+    aranked = await postprocessor.apostprocess_nodes(nodes, query_str=FALLBACK_QUERY)
+    assert [n.node.node_id for n in aranked] == expected

@@ -478,3 +478,24 @@ def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
     assert "Batcher drained; shutting down" in service_log
     supervisor_log = (tmp_path / "supervisord.log").read_text()
     assert "stopped: qwen3-rerank (terminated by SIGTERM)" in supervisor_log
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--replicas", "2"], "--replicas only apply with --ray"),
+        (
+            ["--ray", "--replicas", "3", "--max-replicas", "2"],
+            "--max-replicas (2) must be at least --replicas (3)",
+        ),
+    ],
+    ids=["ray option without --ray", "max below min"],
+)
+def test_serve_ray_options_are_checked_before_anything_starts(
+    tiny_model_dir: Path, args: list[str], words: str
+) -> None:
+    done = run(["serve", "--model", str(tiny_model_dir), "--port", "9", *args])
+
+    assert done.returncode == 1, done.stderr
+    lines = _error_lines(done.stderr)
+    assert len(lines) == 1 and words in lines[0], done.stderr

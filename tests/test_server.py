@@ -270,6 +270,32 @@ def test_rank_bands_use_the_configured_cut_offs(reranker: Reranker) -> None:
     assert [r["band"] for r in response.json()["results"]] == ["high", "medium", "medium", "low"]
 
 
+def test_rank_fallback_retries_a_low_confidence_query(http: httpx.Client, reranker: Reranker) -> None:
+    from qwen3_rerank_plugins.fallback import generalize
+
+    query = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了"
+    body = {"query": query, "documents": TICKETS, "fallback": True}
+    response = http.post("/rank", json=body)
+
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    retried = generalize(query)
+    assert retried != query
+    # Random tiny-model scores are all in the default low band: the retry always runs.
+    first, second = reranker.rerank(query, TICKETS), reranker.rerank(retried, TICKETS)
+    better = second if second[0].score > first[0].score else first
+    assert payload["fallback"] == {
+        "retried_query": retried,
+        "used_query": retried if better is second else query,
+        "needs_review": True,
+    }
+    assert [r["id"] for r in payload["results"]] == [r.document["id"] for r in better]
+    assert [r["score"] for r in payload["results"]] == pytest.approx([r.score for r in better], abs=1e-6)
+
+    plain = http.post("/rank", json={"query": query, "documents": TICKETS}).json()
+    assert "fallback" not in plain
+
+
 # -- health, models, metrics ------------------------------------------------------------------------
 
 
@@ -362,6 +388,14 @@ def test_metrics_count_requests_pairs_and_batches(http: httpx.Client) -> None:
 
 BAD_REQUESTS = [
     # (case, path, raw body, status, error param, words in the message)
+    (
+        "fallback not a boolean",
+        "/rank",
+        b'{"query": "q", "documents": ["d"], "fallback": "yes"}',
+        422,
+        "fallback",
+        "true or false",
+    ),
     ("malformed JSON", "/v1/rerank", b'{"query": "q", "documents": [', 400, None, "not valid JSON"),
     ("empty body", "/v1/rerank", b"", 400, None, "empty"),
     ("not UTF-8", "/v1/rerank", b'{"query": "\xff"}', 400, None, "UTF-8"),
