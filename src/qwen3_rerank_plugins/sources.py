@@ -70,25 +70,12 @@ def _host_unreachable(endpoint: str) -> str | None:
     return None
 
 
-def _download_huggingface(
-    repo_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool = False
-) -> Path:
-    from huggingface_hub import snapshot_download
+def _snapshot_function(source: str):
+    """The ``snapshot_download`` of a hub's client library (both take the same arguments)."""
+    if source == "huggingface":
+        from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            allow_patterns=MODEL_FILE_PATTERNS,
-            local_files_only=local_files_only,
-        )
-    )
-
-
-def _download_modelscope(
-    repo_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool = False
-) -> Path:
+        return snapshot_download
     try:
         from modelscope import snapshot_download
     except ImportError as exc:  # modelscope is a core dependency; a broken install should say so
@@ -96,6 +83,13 @@ def _download_modelscope(
             "ModelScope download requested but the 'modelscope' package cannot be imported "
             f"({exc}); reinstall it with `pip install modelscope`"
         ) from exc
+    return snapshot_download
+
+
+def _download(
+    source: str, repo_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool = False
+) -> Path:
+    snapshot_download = _snapshot_function(source)
     return Path(
         snapshot_download(
             repo_id,
@@ -107,7 +101,6 @@ def _download_modelscope(
     )
 
 
-_DOWNLOADERS = {"huggingface": _download_huggingface, "modelscope": _download_modelscope}
 _ENDPOINTS = {"huggingface": _huggingface_endpoint, "modelscope": _modelscope_endpoint}
 
 
@@ -169,7 +162,7 @@ def resolve_model_dir(
         if offline:
             logger.info("%s is unreachable (%s); looking in its local cache only", candidate, offline)
         try:
-            path = _DOWNLOADERS[candidate](name, revision, cache, local_files_only=bool(offline))
+            path = _download(candidate, name, revision, cache, local_files_only=bool(offline))
         except Exception as exc:
             reason = f"{offline}; no cached copy: {exc}" if offline else str(exc)
             logger.warning("Could not get %s from %s: %s", name, candidate, reason)
