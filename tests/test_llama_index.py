@@ -6,6 +6,9 @@ import copy
 import hashlib
 import math
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +472,23 @@ def test_docs_snippets_run(tiny_model_dir, capsys):
     assert namespace["rerank"].engine is namespace["rr"] is get_reranker(tiny_model_dir)  # device="auto"
     assert namespace["restored"].engine.shares_model_with(namespace["rr"])
     assert namespace["restored"].to_dict() == namespace["confident_only"].to_dict()
+
+
+@pytest.mark.parametrize(("module", "extra"), [("llama_index", "llama-index"), ("langchain", "langchain")])
+def test_import_without_the_extra_names_it_even_without_pydantic(module: str, extra: str):
+    # A core-only install has neither the framework nor pydantic (which the frameworks bring).
+    code = textwrap.dedent(
+        f"""
+        import sys
+        for name in ("pydantic", "llama_index", "langchain_core"):
+            sys.modules[name] = None
+        import qwen3_rerank_plugins
+        try:
+            import qwen3_rerank_plugins.{module}
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pip install 'qwen3-rerank-plugins[{extra}]'" in proc.stdout

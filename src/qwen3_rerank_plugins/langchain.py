@@ -29,12 +29,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field
-
-from ._adapters import EngineSettings, FallbackSetting
 from ._optional import require
-from .fallback import FallbackRerank
-from .results import RerankResult
 
 try:
     from langchain_core.callbacks import Callbacks
@@ -44,6 +39,14 @@ except ImportError:
     # Names the extra to install when langchain-core is missing; otherwise re-raise as is.
     require("langchain_core", "langchain", "The LangChain integration (qwen3_rerank_plugins.langchain)")
     raise
+
+# After the guard: without the extra, the ImportError above names it (not pydantic, which
+# langchain-core brings along).
+from pydantic import Field
+
+from ._adapters import EngineSettings, FallbackSetting
+from .fallback import FallbackRerank
+from .results import RerankResult
 
 __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
 

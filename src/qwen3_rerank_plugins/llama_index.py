@@ -25,9 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ._adapters import LOAD_FIELDS, EngineSettings, FallbackSetting
 from ._optional import require
-from .results import RerankResult
 
 try:
     from llama_index.core.bridge.pydantic import Field
@@ -42,6 +40,11 @@ except ImportError:
         "llama_index.core", "llama-index", "The LlamaIndex postprocessor (qwen3_rerank_plugins.llama_index)"
     )
     raise
+
+# After the guard: without the extra, the ImportError above names it (not pydantic, which
+# llama-index-core brings along).
+from ._adapters import LOAD_FIELDS, EngineSettings, FallbackSetting
+from .results import RerankResult
 
 __all__ = ["Qwen3Rerank"]
 
