@@ -429,3 +429,15 @@ def test_prefix_cache_is_used_for_many_documents(reranker):
     assert len(seen) == 2, "one pass for the shared prefix, one for the documents"
     assert seen[0][0] == 1 and seen[1][0] == 5
     assert seen[1][1] < 20 and prefix_len > 0
+
+
+def test_a_mistyped_template_name_is_free_text_with_a_warning(reranker, caplog):
+    with caplog.at_level("WARNING", logger="qwen3_rerank_plugins"):
+        scores = reranker.score(FAQ_QUERY, FAQ_DOCS[:2], instruction="customer_servic_faq")
+        reranker.score(FAQ_QUERY, FAQ_DOCS[:2], instruction="customer_servic_faq")
+    assert scores == reranker.score(FAQ_QUERY, FAQ_DOCS[:2], instruction="customer_servic_faq")
+    assert caplog.text.count("did you mean 'customer_service_faq'?") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen3_rerank_plugins"):
+        reranker.score(FAQ_QUERY, FAQ_DOCS[:2], instruction="Find the FAQ entry that answers the question")
+    assert "not a template name" not in caplog.text

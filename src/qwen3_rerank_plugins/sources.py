@@ -164,7 +164,8 @@ def resolve_model_dir(
         try:
             path = _download(candidate, name, revision, cache, local_files_only=bool(offline))
         except Exception as exc:
-            reason = f"{offline}; no cached copy: {exc}" if offline else str(exc)
+            # Offline, the hub client's own advice (e.g. "pass local_files_only=False") misleads.
+            reason = f"{offline}, and no copy in its local cache" if offline else str(exc)
             logger.warning("Could not get %s from %s: %s", name, candidate, reason)
             failures.append(f"{candidate}: {type(exc).__name__}: {reason}")
             continue

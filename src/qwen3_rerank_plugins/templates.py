@@ -10,6 +10,8 @@ Chinese; the built-in templates follow that advice.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -80,6 +82,9 @@ class InstructionTemplate:
     text: str
     description: str = ""
 
+
+logger = logging.getLogger(__name__)
+_warned_names: set[str] = set()  # warn once per mistyped template name, not on every call
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _lock = threading.Lock()
@@ -157,7 +162,17 @@ def resolve_instruction(instruction: str | InstructionTemplate | None, default: 
     if not instruction.strip():
         raise ValueError("instruction must not be empty; pass None for the default instruction")
     template = INSTRUCTION_TEMPLATES.get(instruction)
-    return template.text if template is not None else instruction
+    if template is not None:
+        return template.text
+    if _NAME_RE.match(instruction) and "_" in instruction and instruction not in _warned_names:
+        _warned_names.add(instruction)
+        # One snake_case word is almost surely a mistyped template name, not an instruction.
+        close = difflib.get_close_matches(instruction, list(INSTRUCTION_TEMPLATES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        logger.warning(
+            "instruction %r is not a template name, so it is used as free text%s", instruction, hint
+        )
+    return instruction
 
 
 _BUILTIN: Mapping[str, tuple[str, str]] = {
