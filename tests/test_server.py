@@ -398,6 +398,7 @@ BAD_REQUESTS = [
     ),
     ("malformed JSON", "/v1/rerank", b'{"query": "q", "documents": [', 400, None, "not valid JSON"),
     ("empty body", "/v1/rerank", b"", 400, None, "empty"),
+    ("JSON nested too deeply", "/v1/rerank", b"[" * 50_000, 400, None, "nested too deeply"),
     ("not UTF-8", "/v1/rerank", b'{"query": "\xff"}', 400, None, "UTF-8"),
     ("body is a list", "/v1/rerank", b'["q", "d"]', 422, None, "JSON object"),
     ("missing query", "/v1/rerank", b'{"documents": ["d"]}', 422, "query", "query is required"),

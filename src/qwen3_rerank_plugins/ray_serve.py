@@ -27,13 +27,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,15 +46,9 @@ from starlette.responses import JSONResponse  # noqa: E402
 
 from .results import ConfidenceBands  # noqa: E402
 from .server.app import DEFAULT_MAX_BODY_BYTES  # noqa: E402
-from .server.schemas import (  # noqa: E402
-    RequestError,
-    error_body,
-    parse_json_body,
-    parse_rank,
-    parse_rerank,
-    ranked_order,
-    sigmoid,
-)
+from .server.batcher import ScoredRequest, ScoreRequest, score_requests  # noqa: E402
+from .server.handlers import check_bearer, rank_response, read_json, rerank_response  # noqa: E402
+from .server.schemas import RequestError, error_body  # noqa: E402
 
 __all__ = ["RerankDeployment", "app_builder", "build_app", "serve_ray"]
 
@@ -136,10 +128,26 @@ class RerankDeployment:
                 return JSONResponse(self._models())
             if method == "POST" and path in _RERANK_PATHS:
                 self._check_auth(request)
-                return JSONResponse(await self._rerank(await self._read_json(request)))
+                body = await read_json(request, self.max_body_bytes)
+                payload = await rerank_response(
+                    body,
+                    path=path,
+                    score=self._scored,
+                    max_documents=self.max_documents,
+                    model_name=self.model_name,
+                )
+                return JSONResponse(payload)
             if method == "POST" and path == "/rank":
                 self._check_auth(request)
-                return JSONResponse(await self._rank(await self._read_json(request)))
+                body = await read_json(request, self.max_body_bytes)
+                payload = await rank_response(
+                    body,
+                    score=self._scored,
+                    bands=self.bands,
+                    max_documents=self.max_documents,
+                    model_name=self.model_name,
+                )
+                return JSONResponse(payload)
             raise RequestError(f"no endpoint {method} {path}", status_code=404, type="not_found")
         except RequestError as exc:
             body = error_body(exc.message, status_code=exc.status_code, param=exc.param, type=exc.type)
@@ -159,59 +167,12 @@ class RerankDeployment:
         return {"object": "list", "data": [model]}
 
     def _check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise RequestError(
-                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
-                status_code=401,
-                type="authentication_error",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        check_bearer(request.headers.get("authorization"), self.api_key)
 
-    async def _read_json(self, request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else 0
-        raw = b"" if size > self.max_body_bytes else await request.body()
-        size = max(size, len(raw))
-        if size > self.max_body_bytes:
-            raise RequestError(
-                f"request body is {size} bytes; this service accepts at most {self.max_body_bytes} bytes",
-                status_code=413,
-                type="body_too_large",
-            )
-        return parse_json_body(raw)
-
-    async def _rerank(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        req = parse_rerank(body, max_documents=self.max_documents)
-        logits, tokens = await self._scored(req.query, req.texts, req.instruction)
-        results = []
-        for i in ranked_order(logits, req.top_n):
-            item: dict[str, Any] = {"index": i, "relevance_score": sigmoid(logits[i])}
-            if req.return_documents:
-                item["document"] = {"text": req.texts[i]}
-            results.append(item)
-        return {
-            "id": f"rerank-{uuid.uuid4().hex}",
-            "model": self.model_name,
-            "usage": {"total_tokens": tokens},
-            "results": results,
-        }
-
-    async def _rank(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        req = parse_rank(body, max_documents=self.max_documents)
-        logits, _ = await self._scored(req.query, req.texts, req.instruction)
-        results = []
-        for i in ranked_order(logits, req.top_n):
-            score = sigmoid(logits[i])
-            results.append({"id": req.ids[i], "index": i, "score": score, "band": self.bands.classify(score)})
-        return {"model": self.model_name, "results": results}
-
-    async def _scored(self, query: str, texts: list[str], instruction: str | None) -> tuple[list[float], int]:
-        outcome = await self._score((query, texts, instruction))
+    async def _scored(
+        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool
+    ) -> tuple[list[float], int | None]:
+        outcome = await self._score(ScoreRequest(query, texts, instruction, count_tokens))
         if isinstance(outcome, (ValueError, TypeError)):
             raise RequestError(str(outcome), status_code=422)
         if isinstance(outcome, Exception):
@@ -219,57 +180,14 @@ class RerankDeployment:
             raise RequestError(
                 f"scoring failed: {type(outcome).__name__}: {outcome}", status_code=500, type="internal_error"
             )
-        return outcome
+        return outcome.logits, outcome.total_tokens
 
     # -- batching -------------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _score(
-        self, requests: list[tuple[str, list[str], str | None]]
-    ) -> list[tuple[list[float], int] | Exception]:
+    async def _score(self, requests: list[ScoreRequest]) -> list[ScoredRequest | Exception]:
         """Concurrent requests of this replica, merged: one engine call per instruction."""
-        return await asyncio.to_thread(self._score_merged, requests)
-
-    def _score_merged(
-        self, requests: list[tuple[str, list[str], str | None]]
-    ) -> list[tuple[list[float], int] | Exception]:
-        by_instruction: dict[str | None, list[int]] = {}
-        for i, (_, _, instruction) in enumerate(requests):
-            by_instruction.setdefault(instruction, []).append(i)
-        out: list[tuple[list[float], int] | Exception] = [RuntimeError("not scored")] * len(requests)
-        for instruction, members in by_instruction.items():
-            try:
-                outcomes: list[Any] = self._score_group(requests, members, instruction)
-            except Exception as exc:
-                if len(members) == 1:
-                    outcomes = [exc]
-                else:
-                    # Score each request alone so that one bad request does not fail its neighbours.
-                    outcomes = [self._score_alone(requests, i, instruction) for i in members]
-            for i, outcome in zip(members, outcomes, strict=True):
-                out[i] = outcome
-        return out
-
-    def _score_alone(
-        self, requests: list[tuple[str, list[str], str | None]], i: int, instruction: str | None
-    ) -> tuple[list[float], int] | Exception:
-        try:
-            return self._score_group(requests, [i], instruction)[0]
-        except Exception as exc:
-            return exc
-
-    def _score_group(
-        self, requests: list[tuple[str, list[str], str | None]], members: list[int], instruction: str | None
-    ) -> list[tuple[list[float], int]]:
-        pairs = [(requests[i][0], text) for i in members for text in requests[i][1]]
-        logits = self.reranker.score_pairs(pairs, instruction, return_logits=True)
-        out, offset = [], 0
-        for i in members:
-            query, texts, _ = requests[i]
-            tokens = self.reranker.count_tokens(query, texts, instruction)
-            out.append((logits[offset : offset + len(texts)], tokens))
-            offset += len(texts)
-        return out
+        return await asyncio.to_thread(score_requests, self.reranker, requests)
 
 
 def _replica_id() -> str:

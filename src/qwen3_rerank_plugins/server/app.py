@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,20 +26,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..fallback import retry_query
 from ..results import ConfidenceBands
-from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
+from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from .handlers import check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from .schemas import (
-    RequestError,
-    error_body,
-    parse_json_body,
-    parse_rank,
-    parse_rerank,
-    parse_tei,
-    ranked_order,
-    sigmoid,
-)
+from .schemas import RequestError, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "create_app"]
 
@@ -197,32 +186,11 @@ def create_app(
         )
 
     def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise RequestError(
-                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
-                status_code=401,
-                type="authentication_error",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    async def read_json(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body_bytes:
-            raise _too_large(int(declared), max_body_bytes)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _too_large(size, max_body_bytes)
-            chunks.append(chunk)
-        return parse_json_body(b"".join(chunks))
+        check_bearer(request.headers.get("authorization"), api_key)
 
     async def score(
         query: str, texts: list[str], instruction: str | None, count_tokens: bool
-    ) -> ScoredRequest:
+    ) -> tuple[list[float], int | None]:
         batcher = state.batcher
         if batcher is None:
             if state.load_error is not None:
@@ -236,7 +204,7 @@ def create_app(
                 headers={"Retry-After": _RETRY_AFTER_LOADING},
             )
         try:
-            return await batcher.submit(query, texts, instruction, count_tokens=count_tokens)
+            scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens)
         except QueueFullError as exc:
             raise RequestError(
                 f"the service is overloaded ({exc}); retry shortly",
@@ -258,6 +226,7 @@ def create_app(
             raise RequestError(
                 f"scoring failed: {type(exc).__name__}: {exc}", status_code=500, type="internal_error"
             ) from exc
+        return scored.logits, scored.total_tokens
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -293,39 +262,11 @@ def create_app(
 
     async def rerank(request: Request) -> Response:
         check_auth(request)
-        body = await read_json(request)
-        if request.url.path == "/rerank" and "texts" in body and "documents" not in body:
-            return await rerank_tei(body)
-        req = parse_rerank(body, max_documents=max_documents)
-        scored = await score(req.query, req.texts, req.instruction, count_tokens=True)
-        results = []
-        for i in ranked_order(scored.logits, req.top_n):
-            item: dict[str, Any] = {"index": i, "relevance_score": sigmoid(scored.logits[i])}
-            if req.return_documents:
-                item["document"] = {"text": req.texts[i]}
-            results.append(item)
-        tokens = scored.total_tokens or 0
-        return JSONResponse(
-            {
-                "id": f"rerank-{uuid.uuid4().hex}",
-                "model": state.model_name,
-                "usage": {"total_tokens": tokens},
-                "results": results,
-                "meta": {"tokens": {"input_tokens": tokens, "output_tokens": 0}},
-            }
+        body = await read_json(request, max_body_bytes)
+        payload = await rerank_response(
+            body, path=request.url.path, score=score, max_documents=max_documents, model_name=state.model_name
         )
-
-    async def rerank_tei(body: dict[str, Any]) -> Response:
-        req = parse_tei(body, max_documents=max_documents)
-        scored = await score(req.query, req.texts, req.instruction, count_tokens=False)
-        out = []
-        for i in ranked_order(scored.logits, None):
-            logit = scored.logits[i]
-            item: dict[str, Any] = {"index": i, "score": logit if req.raw_scores else sigmoid(logit)}
-            if req.return_text:
-                item["text"] = req.texts[i]
-            out.append(item)
-        return JSONResponse(out)
+        return JSONResponse(payload)
 
     for path in _RERANK_PATHS:
         app.add_api_route(
@@ -339,27 +280,11 @@ def create_app(
     @app.post("/rank", summary="Rank {id, text} records; results carry ids, scores and bands")
     async def rank(request: Request) -> JSONResponse:
         check_auth(request)
-        body = await read_json(request)
-        req = parse_rank(body, max_documents=max_documents)
-        scored = await score(req.query, req.texts, req.instruction, count_tokens=False)
-        logits, extra = scored.logits, {}
-        if req.fallback and logits:
-            best = sigmoid(max(logits))
-            again = retry_query(req.query, best, bands)
-            if again is not None:
-                retry = await score(again, req.texts, req.instruction, count_tokens=False)
-                if sigmoid(max(retry.logits)) > best:
-                    logits, best = retry.logits, sigmoid(max(retry.logits))
-            extra["fallback"] = {
-                "retried_query": again,
-                "used_query": req.query if logits is scored.logits else again,
-                "needs_review": bands.classify(best) == "low",
-            }
-        results = []
-        for i in ranked_order(logits, req.top_n):
-            value = sigmoid(logits[i])
-            results.append({"id": req.ids[i], "index": i, "score": value, "band": bands.classify(value)})
-        return JSONResponse({"model": state.model_name, "results": results, **extra})
+        body = await read_json(request, max_body_bytes)
+        payload = await rank_response(
+            body, score=score, bands=bands, max_documents=max_documents, model_name=state.model_name
+        )
+        return JSONResponse(payload)
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -402,14 +327,6 @@ def _error_response(exc: RequestError) -> JSONResponse:
         error_body(exc.message, status_code=exc.status_code, param=exc.param, type=exc.type),
         status_code=exc.status_code,
         headers=exc.headers or None,
-    )
-
-
-def _too_large(size: int, limit: int) -> RequestError:
-    return RequestError(
-        f"request body is {size} bytes or more; this service accepts at most {limit} bytes",
-        status_code=413,
-        type="body_too_large",
     )
 
 

@@ -19,12 +19,19 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["BatcherClosedError", "MicroBatcher", "QueueFullError", "ScoredRequest"]
+__all__ = [
+    "BatcherClosedError",
+    "MicroBatcher",
+    "QueueFullError",
+    "ScoreRequest",
+    "ScoredRequest",
+    "score_requests",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -200,46 +207,79 @@ class MicroBatcher:
 
     def _score_batch(self, batch: list[_Pending]) -> list[ScoredRequest | Exception]:
         """Runs in the worker thread: one engine call per instruction present in the batch."""
-        groups: dict[str | None, list[int]] = {}
-        for i, item in enumerate(batch):
-            groups.setdefault(item.instruction, []).append(i)
-        outcomes: list[ScoredRequest | Exception] = [RuntimeError("not scored")] * len(batch)
-        for instruction, members in groups.items():
-            items = [batch[i] for i in members]
-            try:
-                results = self._score_group(instruction, items)
-            except Exception as exc:
-                if len(items) == 1:
-                    results = [exc]
-                else:
-                    # Score each request alone so that one failure does not fail its neighbours.
-                    logger.warning(
-                        "a merged batch of %d requests failed (%s); retrying one by one", len(items), exc
-                    )
-                    results = []
-                    for item in items:
-                        try:
-                            results.extend(self._score_group(instruction, [item]))
-                        except Exception as single_exc:
-                            results.append(single_exc)
-            for i, outcome in zip(members, results, strict=True):
-                outcomes[i] = outcome
-        return outcomes
+        return score_requests(self.reranker, batch, observer=self.observer)
 
-    def _score_group(self, instruction: str | None, items: list[_Pending]) -> list[ScoredRequest]:
-        pairs = [(item.query, text) for item in items for text in item.texts]
-        start = time.perf_counter()
-        logits = self.reranker.score_pairs(pairs, instruction, return_logits=True)
-        elapsed = time.perf_counter() - start
-        if self.observer is not None:
-            with contextlib.suppress(Exception):
-                self.observer(len(items), len(pairs), elapsed)
-        out, offset = [], 0
-        for item in items:
-            n = len(item.texts)
-            tokens = (
-                self.reranker.count_tokens(item.query, item.texts, instruction) if item.count_tokens else None
+
+class ScoreRequest(NamedTuple):
+    """One request to score: its query, documents, instruction and whether to count its tokens."""
+
+    query: str
+    texts: list[str]
+    instruction: str | None
+    count_tokens: bool = True
+
+
+def score_requests(
+    reranker: Any, requests: Sequence[Any], *, observer: BatchObserver | None = None
+) -> list[ScoredRequest | Exception]:
+    """Score several requests with one engine call per instruction, each failure kept to its request.
+
+    Merging is exact (the engine groups pairs by query and reuses each query's prefix cache). When
+    a merged call fails, its requests are scored one by one, so one bad request does not fail its
+    neighbours. Both the plain service's batcher and the Ray Serve replicas call this.
+
+    Args:
+        reranker: A loaded :class:`~qwen3_rerank_plugins.Reranker`.
+        requests: Objects with ``query``, ``texts``, ``instruction`` and ``count_tokens``
+            attributes, such as :class:`ScoreRequest`.
+        observer: Called after each engine call with (requests merged, pairs, seconds).
+
+    Returns:
+        For each request, in order, its :class:`ScoredRequest` or the exception it raised.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for i, item in enumerate(requests):
+        groups.setdefault(item.instruction, []).append(i)
+    outcomes: list[ScoredRequest | Exception] = [RuntimeError("not scored")] * len(requests)
+    for instruction, members in groups.items():
+        items = [requests[i] for i in members]
+        try:
+            results: list[ScoredRequest | Exception] = list(
+                _score_group(reranker, instruction, items, observer)
             )
-            out.append(ScoredRequest(logits=list(logits[offset : offset + n]), total_tokens=tokens))
-            offset += n
-        return out
+        except Exception as exc:
+            if len(items) == 1:
+                results = [exc]
+            else:
+                # Score each request alone so that one failure does not fail its neighbours.
+                logger.warning(
+                    "a merged batch of %d requests failed (%s); retrying one by one", len(items), exc
+                )
+                results = []
+                for item in items:
+                    try:
+                        results.extend(_score_group(reranker, instruction, [item], observer))
+                    except Exception as single_exc:
+                        results.append(single_exc)
+        for i, outcome in zip(members, results, strict=True):
+            outcomes[i] = outcome
+    return outcomes
+
+
+def _score_group(
+    reranker: Any, instruction: str | None, items: list[Any], observer: BatchObserver | None
+) -> list[ScoredRequest]:
+    pairs = [(item.query, text) for item in items for text in item.texts]
+    start = time.perf_counter()
+    logits = reranker.score_pairs(pairs, instruction, return_logits=True)
+    elapsed = time.perf_counter() - start
+    if observer is not None:
+        with contextlib.suppress(Exception):
+            observer(len(items), len(pairs), elapsed)
+    out, offset = [], 0
+    for item in items:
+        n = len(item.texts)
+        tokens = reranker.count_tokens(item.query, item.texts, instruction) if item.count_tokens else None
+        out.append(ScoredRequest(logits=list(logits[offset : offset + n]), total_tokens=tokens))
+        offset += n
+    return out

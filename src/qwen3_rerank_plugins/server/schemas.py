@@ -116,6 +116,10 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             status_code=400,
             type="invalid_json",
         ) from exc
+    except RecursionError as exc:
+        raise RequestError(
+            "request body is not valid JSON: it is nested too deeply", status_code=400, type="invalid_json"
+        ) from exc
     if not isinstance(body, dict):
         raise RequestError(
             f"request body must be a JSON object, got {_json_type(body)}", status_code=422, param=None
