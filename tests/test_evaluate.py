@@ -298,15 +298,22 @@ def test_evaluate_command(
         assert name in out
     assert chart.read_bytes()[:4] == b"\x89PNG"
 
-    assert cli.main(["--quiet", *argv, "--first-stage", "none", "--json"]) == 0
+    assert cli.main([*argv, "--first-stage", "none", "--json", "--quiet"]) == 0  # --quiet after it too
     payload = json.loads(capsys.readouterr().out)
     assert payload["first_stage"] == "none" and payload["queries"] == 24
+    assert payload["demo_model"] is False
     assert set(payload["after"]) == {"hit@1", "hit@3", "MRR@10", "nDCG@10"}
 
 
 def test_evaluate_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--quiet", "evaluate", str(tmp_path / "nope.jsonl"), "--demo"]) == 1
     assert "error: dataset not found" in capsys.readouterr().err
+    data = str(ROOT / "examples" / "data" / "hotline_eval.jsonl")
+    # Checked before the model loads: a bad chart folder, device or instruction.
+    assert cli.main(["--quiet", "evaluate", data, "--demo", "--plot", str(tmp_path / "no" / "x.png")]) == 1
+    assert "error: --plot: the folder of" in capsys.readouterr().err
+    assert cli.main(["--quiet", "evaluate", data, "--demo", "--instruction", " "]) == 1
+    assert "instruction must not be empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli.main(["evaluate", "x.jsonl", "--k", "1,zero"])
     assert exc.value.code == 2

@@ -701,8 +701,11 @@ def _ks(text: str) -> list[int]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .cli import CommandError, load_reranker
+    from .cli import CommandError, _check_options, load_reranker
 
+    _check_options(args)
+    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise CommandError(f"--plot: the folder of {args.plot} does not exist")
     try:
         dataset = load_dataset(args.data, args.split)
     except FileNotFoundError as exc:
@@ -719,20 +722,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         show_progress=args.progress,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
     else:
         if args.demo:
             print("NOTE: demo model with random weights; these numbers are meaningless.\n")
         print(report.format())
     if args.plot:
-        out = plot_report(report, args.plot)
+        title = None
+        if args.demo:
+            title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: the after-reranking bars are meaningless"
+        out = plot_report(report, args.plot, title=title)
         logger.info("Wrote the chart to %s", out)
     return 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` command to the ``qwen3-rerank`` parser."""
-    from .cli import _positive_int, add_model_arguments
+    from .cli import _positive_int, _verbosity_arguments, add_model_arguments
 
     p = subparsers.add_parser(
         "evaluate",
@@ -768,5 +774,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     add_model_arguments(p)
+    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
     return p
