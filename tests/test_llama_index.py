@@ -492,3 +492,17 @@ def test_import_without_the_extra_names_it_even_without_pydantic(module: str, ex
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"pip install 'qwen3-rerank-plugins[{extra}]'" in proc.stdout
+
+
+def test_fallback_setting_survives_saving_and_pickling(reranker):
+    import pickle
+
+    pp = Qwen3Rerank(reranker=reranker, top_n=2, fallback=True)
+    assert pp.to_dict()["fallback"] is True
+    assert Qwen3Rerank.from_dict(pp.to_dict(), reranker=reranker).fallback is True
+    assert pickle.loads(pickle.dumps(pp)).fallback is True
+    compressor = Qwen3RerankCompressor(reranker=reranker, fallback=True)
+    assert pickle.loads(pickle.dumps(compressor)).fallback is True
+    # A rewrite function is code: it is not saved, and neither is a switched-off fallback.
+    assert "fallback" not in Qwen3Rerank(reranker=reranker, fallback=lambda q: q).to_dict()
+    assert "fallback" not in Qwen3Rerank(reranker=reranker).to_dict()

@@ -140,7 +140,15 @@ class EngineSettings(BaseModel):
         config = {
             name: getattr(self, name) for name, field in type(self).model_fields.items() if not field.exclude
         }
-        return (_rebuild, (type(self), {**config, **self.engine_fields()}))
+        return (_rebuild, (type(self), {**config, **self.saved_fields()}))
+
+    def saved_fields(self) -> dict[str, Any]:
+        """Field values a saved configuration needs besides the serialised fields.
+
+        The engine (``reranker=``) and other objects are never serialised; this returns what
+        stands for them (see :meth:`engine_fields`).
+        """
+        return self.engine_fields()
 
     def engine_fields(self) -> dict[str, Any]:
         """Field values that stand for ``reranker=`` in a saved configuration.
@@ -171,15 +179,25 @@ def _rebuild(cls: type[EngineSettings], config: dict[str, Any]) -> EngineSetting
     return cls(**config)
 
 
-class FallbackSetting(BaseModel):
-    """The ``fallback`` field of the reranking adapters (mixed in after :class:`EngineSettings`)."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", use_attribute_docstrings=True)
+class FallbackSetting(EngineSettings):
+    """:class:`EngineSettings` plus the ``fallback`` field, for the adapters that rerank."""
 
     fallback: bool | Callable[[str], str] = Field(default=False, exclude=True)
     """When the best score is in the low band, rewrite the query more generally and rerank
     again, keeping the better attempt: ``True`` uses the rule-based
     :func:`~qwen3_rerank_plugins.fallback.generalize`, or pass any ``str -> str`` callable."""
+
+    def saved_fields(self) -> dict[str, Any]:
+        """As :meth:`EngineSettings.saved_fields`, plus ``fallback=True`` when it is set.
+
+        A custom rewrite function is code and is not saved: pass it again when loading.
+        """
+        fields = super().saved_fields()
+        if self.fallback is True:
+            fields["fallback"] = True
+        elif self.fallback:
+            logger.debug("fallback=%r is a function and is not saved with the configuration", self.fallback)
+        return fields
 
     def _generalizer(self) -> Callable[[str], str] | None:
         return None if self.fallback is True else self.fallback  # type: ignore[return-value]

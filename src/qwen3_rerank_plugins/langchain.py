@@ -68,7 +68,7 @@ def _reranked_copy(doc: Document, result: RerankResult, outcome: FallbackRerank 
     return doc.model_copy(update={"metadata": metadata})
 
 
-class Qwen3RerankCompressor(EngineSettings, FallbackSetting, BaseDocumentCompressor):
+class Qwen3RerankCompressor(FallbackSetting, BaseDocumentCompressor):
     """Rerank retrieved documents with Qwen3-Reranker, for ``ContextualCompressionRetriever``.
 
     Documents are scored on their ``page_content``. The result is new ``Document`` objects,

@@ -43,7 +43,7 @@ except ImportError:
 
 # After the guard: without the extra, the ImportError above names it (not pydantic, which
 # llama-index-core brings along).
-from ._adapters import LOAD_FIELDS, EngineSettings, FallbackSetting
+from ._adapters import LOAD_FIELDS, FallbackSetting
 from .results import RerankResult
 
 __all__ = ["Qwen3Rerank"]
@@ -54,7 +54,7 @@ dispatcher = get_dispatcher(__name__)
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 
 
-class Qwen3Rerank(EngineSettings, FallbackSetting, BaseNodePostprocessor):
+class Qwen3Rerank(FallbackSetting, BaseNodePostprocessor):
     """Rerank retrieved nodes with Qwen3-Reranker (a LlamaIndex node postprocessor).
 
     Each node is scored on ``node.get_content(metadata_mode=MetadataMode.EMBED)``, so titles and
@@ -111,7 +111,7 @@ class Qwen3Rerank(EngineSettings, FallbackSetting, BaseNodePostprocessor):
         engine's weights (``model`` is ``None`` if they are unknown: pass the engine again to
         :meth:`from_dict`).
         """
-        return {**super().to_dict(**kwargs), **self.engine_fields()}
+        return {**super().to_dict(**kwargs), **self.saved_fields()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> Qwen3Rerank:
