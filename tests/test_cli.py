@@ -488,8 +488,9 @@ def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
             ["--ray", "--replicas", "3", "--max-replicas", "2"],
             "--max-replicas (2) must be at least --replicas (3)",
         ),
+        (["--ray", "--max-batch-pairs", "64"], "--max-batch-pairs does not apply with --ray"),
     ],
-    ids=["ray option without --ray", "max below min"],
+    ids=["ray option without --ray", "max below min", "plain-server option with --ray"],
 )
 def test_serve_ray_options_are_checked_before_anything_starts(
     tiny_model_dir: Path, args: list[str], words: str

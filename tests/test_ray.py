@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from test_server import TICKETS, ServerThread
+
 pytest.importorskip("ray.serve", reason="needs the [ray] extra")
 
 import ray
@@ -29,8 +31,11 @@ from ray import serve
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.cli import build_parser
 from qwen3_rerank_plugins.client import RerankClient
-from qwen3_rerank_plugins.ray_serve import RerankDeployment, app_builder, build_app
+from qwen3_rerank_plugins.fallback import generalize
+from qwen3_rerank_plugins.ray_serve import app_builder, build_app
 from qwen3_rerank_plugins.remote import RemoteReranker
+from qwen3_rerank_plugins.server import create_app
+from qwen3_rerank_plugins.server.batcher import ScoreRequest, score_requests
 
 pytestmark = pytest.mark.slow
 
@@ -161,12 +166,79 @@ def test_concurrent_requests_are_spread_over_both_replicas(ray_url: str, reranke
         assert scores == pytest.approx(expected, abs=TOL)
 
 
+@pytest.fixture(scope="module")
+def plain_url(reranker: Reranker) -> Iterator[str]:
+    """The plain service (``qwen3-rerank serve``) on the same tiny model, to compare answers with."""
+    with ServerThread(create_app(reranker)) as server:
+        yield server.url
+
+
+def _same_answer(ray_url: str, plain_url: str, path: str, body: dict) -> dict | list:
+    with httpx.Client(timeout=60) as http:
+        on_ray, plain = http.post(ray_url + path, json=body), http.post(plain_url + path, json=body)
+    assert on_ray.status_code == plain.status_code == 200, (on_ray.text, plain.text)
+    got, expected = on_ray.json(), plain.json()
+    if isinstance(expected, dict):  # /v1/rerank answers carry a fresh id each time
+        got.pop("id", None)
+        expected.pop("id", None)
+    assert _close(got, expected)
+    return got
+
+
+def _close(got: object, expected: object) -> bool:
+    """Equal JSON up to float rounding between processes."""
+    if isinstance(expected, float):
+        return got == pytest.approx(expected, abs=TOL)
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), (got, expected)
+        return all(_close(got[k], v) for k, v in expected.items())
+    if isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), (got, expected)
+        return all(_close(g, e) for g, e in zip(got, expected, strict=True))
+    assert got == expected
+    return True
+
+
+def test_rank_fallback_answers_as_the_plain_service(ray_url: str, plain_url: str, reranker: Reranker) -> None:
+    query = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了"
+    got = _same_answer(ray_url, plain_url, "/rank", {"query": query, "documents": TICKETS, "fallback": True})
+
+    # Random tiny-model scores are all in the default low band: the retry always runs.
+    retried = generalize(query)
+    first, second = reranker.rerank(query, TICKETS), reranker.rerank(retried, TICKETS)
+    better = second if second[0].score > first[0].score else first
+    assert got["fallback"] == {
+        "retried_query": retried,
+        "used_query": retried if better is second else query,
+        "needs_review": True,
+    }
+    assert [r["id"] for r in got["results"]] == [r.document["id"] for r in better]
+    plain = _same_answer(ray_url, plain_url, "/rank", {"query": query, "documents": TICKETS})
+    assert "fallback" not in plain
+
+
+def test_tei_texts_on_rerank_answer_as_the_plain_service(
+    ray_url: str, plain_url: str, reranker: Reranker
+) -> None:
+    body = {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}
+    got = _same_answer(ray_url, plain_url, "/rerank", body)
+
+    logits = reranker.score(QUERY, DOCS, return_logits=True)
+    assert [r["index"] for r in got] == sorted(range(len(DOCS)), key=lambda i: (-logits[i], i))
+    assert [r["text"] for r in got] == [DOCS[r["index"]] for r in got]
+    _same_answer(ray_url, plain_url, "/rerank", {"query": QUERY, "texts": DOCS[:2]})
+    _same_answer(ray_url, plain_url, "/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3})
+
+
 def test_bad_requests_get_4xx_and_the_service_keeps_serving(ray_url: str) -> None:
     with httpx.Client(base_url=ray_url, timeout=60) as http:
         bad = http.post("/v1/rerank", json={"query": QUERY, "documents": ["ok", 7]})
         assert bad.status_code == 422
         assert bad.json()["error"]["param"] == "documents[1]"
         assert http.post("/v1/rerank", content=b"{not json").status_code == 400
+        assert http.post("/v1/rerank", content=b"[" * 50_000).json()["error"]["type"] == "invalid_json"
+        tei = http.post("/rerank", json={"query": QUERY, "texts": ["ok", 1]})
+        assert tei.status_code == 422 and tei.json()["error"]["param"] == "texts[1]"
         assert (
             http.post("/rank", json={"query": QUERY, "documents": [{"id": [1], "text": "x"}]}).status_code
             == 422
@@ -182,22 +254,25 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(ray_url: str) -> Non
 # -- without a cluster --------------------------------------------------------------------------
 
 
-def test_merged_batches_score_exactly_and_isolate_failures(tiny_model_dir: Path, reranker: Reranker) -> None:
-    replica = RerankDeployment(str(tiny_model_dir), device="cpu")
+def test_merged_batches_score_exactly_and_isolate_failures(reranker: Reranker) -> None:
+    """What a replica's ``@serve.batch`` runs (the plain service's batcher runs the same)."""
     requests = [
-        (QUERY, DOCS, None),
-        ("发票怎么开", DOCS[:2], "customer_service_faq"),
-        ("发票怎么开", DOCS[2:], None),
-        (None, DOCS[:1], None),  # fails the merged call of its instruction; scored alone, fails alone
-        (QUERY, DOCS[:1], "   "),  # the engine refuses a blank instruction
+        ScoreRequest(QUERY, DOCS, None),
+        ScoreRequest("发票怎么开", DOCS[:2], "customer_service_faq"),
+        ScoreRequest("发票怎么开", DOCS[2:], None, count_tokens=False),
+        ScoreRequest(None, DOCS[:1], None),  # fails the merged call of its instruction; scored alone
+        ScoreRequest(QUERY, DOCS[:1], "   "),  # the engine refuses a blank instruction
     ]
-    out = replica._score_merged(requests)
-    assert out[0][0] == pytest.approx(reranker.score(QUERY, DOCS, return_logits=True), abs=1e-5)
-    assert out[0][1] == reranker.count_tokens(QUERY, DOCS)
-    assert out[1][0] == pytest.approx(
+    out = score_requests(reranker, requests)
+    assert out[0].logits == pytest.approx(reranker.score(QUERY, DOCS, return_logits=True), abs=1e-5)
+    assert out[0].total_tokens == reranker.count_tokens(QUERY, DOCS)
+    assert out[1].logits == pytest.approx(
         reranker.score("发票怎么开", DOCS[:2], "customer_service_faq", return_logits=True), abs=1e-5
     )
-    assert out[2][0] == pytest.approx(reranker.score("发票怎么开", DOCS[2:], return_logits=True), abs=1e-5)
+    assert out[2].logits == pytest.approx(
+        reranker.score("发票怎么开", DOCS[2:], return_logits=True), abs=1e-5
+    )
+    assert out[2].total_tokens is None
     assert isinstance(out[3], TypeError)
     assert isinstance(out[4], ValueError)
 
@@ -210,6 +285,21 @@ def test_app_builder_reads_serve_run_arguments(tiny_model_dir: Path) -> None:
         app_builder({"replicas": "2"})
     with pytest.raises(ValueError, match=r"max_replicas must be an int >= replicas \(3\)"):
         build_app(str(tiny_model_dir), replicas=3, max_replicas=2, num_gpus_per_replica=0)
+
+
+def test_serve_options_reach_the_deployment_config(tiny_model_dir: Path) -> None:
+    """``--max-queue``, ``--graceful-timeout`` and ``--no-access-log`` of ``serve --ray``."""
+    app = build_app(
+        str(tiny_model_dir),
+        num_gpus_per_replica=0,
+        max_queued_requests=7,
+        graceful_shutdown_timeout_s=12.5,
+        access_log=False,
+    )
+    config = app._bound_deployment._deployment_config
+    assert config.max_queued_requests == 7
+    assert config.graceful_shutdown_timeout_s == 12.5
+    assert config.logging_config["enable_access_log"] is False
 
 
 # -- the Kubernetes examples --------------------------------------------------------------------

@@ -299,10 +299,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_BATCH_PAIRS = 256
 _RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
 
 
 def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: ConfidenceBands) -> int:
+    if args.max_batch_pairs != _MAX_BATCH_PAIRS:
+        raise CommandError(
+            "--max-batch-pairs does not apply with --ray: Ray Serve merges whole requests"
+            " (at most 16 per model call)"
+        )
     from .ray_serve import serve_ray
 
     replicas = args.replicas or 1
@@ -335,6 +341,9 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         max_body_bytes=args.max_body_bytes,
         batch_wait_ms=args.batch_wait_ms,
         model_name=args.served_model_name,
+        max_queued_requests=args.max_queue,
+        graceful_shutdown_timeout_s=args.graceful_timeout,
+        access_log=not args.no_access_log,
     )
     return 0
 
@@ -462,8 +471,9 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument(
         "--max-batch-pairs",
         type=_positive_int,
-        default=256,
-        help="most (query, document) pairs merged into one model call (default: 256)",
+        default=_MAX_BATCH_PAIRS,
+        help=f"most (query, document) pairs merged into one model call (default: {_MAX_BATCH_PAIRS};"
+        " not with --ray)",
     )
     p.add_argument(
         "--max-queue",

@@ -1,12 +1,13 @@
 """Serving on Ray Serve (extra ``[ray]``): replicas of the engine behind one HTTP endpoint.
 
 Each replica loads the model once and answers the service's HTTP schema (``POST /v1/rerank``,
-also ``/rerank`` and ``/v2/rerank``; ``POST /rank``; ``GET /health``; ``GET /v1/models``), with
-requests validated by the same code as ``qwen3-rerank serve``
-(:mod:`qwen3_rerank_plugins.server.schemas`), so every client of the plain service works
-unchanged. Ray routes requests to the replicas; within a replica, concurrent requests are merged
-by ``@serve.batch`` into one engine call per instruction (merging is exact: the engine groups
-pairs by query and reuses each query's prefix cache).
+also ``/rerank`` with text-embeddings-inference's ``texts`` and ``/v2/rerank``; ``POST /rank``
+with its ``fallback`` flag; ``GET /health``; ``GET /v1/models``), with requests read, checked and
+answered by the same code as ``qwen3-rerank serve`` (:mod:`qwen3_rerank_plugins.server.handlers`),
+so every client of the plain service works unchanged. Ray routes requests to the replicas;
+within a replica, concurrent requests are merged by ``@serve.batch`` into one engine call per
+instruction (merging is exact: the engine groups pairs by query and reuses each query's prefix
+cache).
 
 Replicas: one per GPU (``num_gpus_per_replica=1``, the default when CUDA is present), or N CPU
 replicas; fixed (``replicas=N``) or autoscaled between ``replicas`` and ``max_replicas`` on
@@ -219,6 +220,9 @@ def build_app(
     num_cpus_per_replica: float | None = None,
     num_gpus_per_replica: float | None = None,
     max_ongoing_requests: int = 64,
+    max_queued_requests: int | None = None,
+    graceful_shutdown_timeout_s: float | None = None,
+    access_log: bool = True,
     **options: Any,
 ) -> Any:
     """The Ray Serve application: the deployment with its replicas, resources and autoscaling.
@@ -233,6 +237,11 @@ def build_app(
         num_gpus_per_replica: GPUs per replica; default 1 when CUDA is present and the device
             is not ``"cpu"``, else 0. Fractions pack several replicas on one GPU.
         max_ongoing_requests: Requests a replica accepts at once before Ray queues them.
+        max_queued_requests: Most requests Ray queues for the replicas before it answers 503
+            (default: no limit).
+        graceful_shutdown_timeout_s: Seconds a stopping replica lets in-flight requests finish
+            (default: Ray Serve's).
+        access_log: Whether replicas log one line per request.
         **options: :class:`RerankDeployment` arguments (``device``, ``dtype``, ``api_key``,
             ``max_batch_size``, ``batch_wait_ms``, ``bands``, ...).
 
@@ -249,6 +258,12 @@ def build_app(
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     config: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max_ongoing_requests}
+    if max_queued_requests is not None:
+        config["max_queued_requests"] = max_queued_requests
+    if graceful_shutdown_timeout_s is not None:
+        config["graceful_shutdown_timeout_s"] = graceful_shutdown_timeout_s
+    if not access_log:
+        config["logging_config"] = {"enable_access_log": False}
     if max_replicas is not None:
         if not isinstance(max_replicas, int) or max_replicas < replicas:
             raise ValueError(f"max_replicas must be an int >= replicas ({replicas}), got {max_replicas!r}")
@@ -270,7 +285,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
     Keys: ``model`` (required), ``replicas``, ``max_replicas``, ``num_cpus_per_replica``,
     ``num_gpus_per_replica``, ``device``, ``dtype``, ``source``, ``max_length``, ``instruction``,
     ``api_key`` (default: ``$QWEN3_RERANK_API_KEY``), ``max_documents``, ``max_batch_size``,
-    ``batch_wait_ms``.
+    ``batch_wait_ms``, ``max_queued_requests``, ``graceful_shutdown_timeout_s``.
 
     Example:
         ``serve run qwen3_rerank_plugins.ray_serve:app_builder model=Qwen/Qwen3-Reranker-0.6B replicas=2``
@@ -278,8 +293,21 @@ def app_builder(args: Mapping[str, str]) -> Any:
     args = dict(args)
     if "model" not in args:
         raise ValueError("app_builder needs model=<hub id or directory>")
-    ints = ("replicas", "max_replicas", "max_length", "max_documents", "max_batch_size")
-    floats = ("num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms", "target_ongoing_requests")
+    ints = (
+        "replicas",
+        "max_replicas",
+        "max_length",
+        "max_documents",
+        "max_batch_size",
+        "max_queued_requests",
+    )
+    floats = (
+        "num_cpus_per_replica",
+        "num_gpus_per_replica",
+        "batch_wait_ms",
+        "target_ongoing_requests",
+        "graceful_shutdown_timeout_s",
+    )
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
         try:
