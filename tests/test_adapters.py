@@ -339,3 +339,62 @@ async def test_llama_index_fallback_sync_and_async(always_low):
     assert [n.score for n in ranked] == pytest.approx([r.score for r in outcome.results], abs=1e-6)
     aranked = await postprocessor.apostprocess_nodes(nodes, query_str=FALLBACK_QUERY)
     assert [n.node.node_id for n in aranked] == expected
+
+
+class _LoopWatch:
+    """ASGI front that answers each request only once the client's event loop has ticked.
+
+    The client's ticker bumps ``ticks`` from its loop; a request that arrives while that loop is
+    blocked (a blocking call made on it) sees no tick and is recorded in ``blocked`` (after a
+    bounded wait), then answered anyway.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.ticks = 0
+        self.paths: list[str] = []
+        self.blocked: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.paths.append(f"{scope['method']} {scope['path']}")
+            seen, deadline = self.ticks, time.monotonic() + 5
+            while self.ticks < seen + 2:
+                if time.monotonic() > deadline:
+                    self.blocked.append(f"{scope['method']} {scope['path']}")
+                    break
+                await asyncio.sleep(0.001)
+        await self.app(scope, receive, send)
+
+
+async def test_async_reranking_on_a_remote_service_does_not_block_the_event_loop(reranker):
+    from qwen3_rerank_plugins.server import create_app
+    from test_client import live_server
+
+    watch = _LoopWatch(create_app(reranker))
+    done = False
+
+    async def ticker() -> None:
+        while not done:
+            watch.ticks += 1
+            await asyncio.sleep(0.001)
+
+    with live_server(watch) as url:
+        postprocessor = _PostprocessorWithoutSyncPath(base_url=url, top_n=None)
+        nodes = _nodes(REMOTE_TEXTS)
+        tick_task = asyncio.create_task(ticker())
+        try:
+            ranked = await asyncio.gather(
+                *(postprocessor.apostprocess_nodes(nodes, query_str=q) for q in QUERIES)
+            )
+        finally:
+            done = True
+            await tick_task
+
+    assert watch.blocked == [], "the event loop was blocked during a request"
+    assert watch.paths == ["POST /v1/rerank"] * len(QUERIES)  # model_name asked the server nothing
+    for query, got in zip(QUERIES, ranked, strict=True):
+        expected = reranker.rerank(query, REMOTE_TEXTS)
+        assert [n.node.node_id for n in got] == [f"T-{r.index}" for r in expected]
+        assert [n.score for n in got] == pytest.approx([r.score for r in expected], abs=1e-6)
+    assert postprocessor.engine.model_name == reranker.model_name  # learned from the answers

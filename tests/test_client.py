@@ -159,7 +159,9 @@ def _closed_port_url() -> str:
 
 def test_rerank_and_rank_match_the_engine(url: str, reranker: Reranker) -> None:
     with RerankClient(url) as client:
+        assert client.served_model is None
         hits = client.rerank(QUERY, DOCS)
+        assert client.served_model == reranker.model_name  # the "model" field of the answer
         _assert_same([(h.index, h.relevance_score) for h in hits], _engine_ranking(reranker, QUERY, DOCS))
         top = client.rerank(QUERY, DOCS, top_n=2, return_documents=True, instruction="customer_service_faq")
         expected = _engine_ranking(reranker, QUERY, DOCS, top_n=2, instruction="customer_service_faq")
@@ -377,6 +379,18 @@ def test_bad_arguments_fail_before_anything_is_sent() -> None:
         with pytest.raises(ValueError, match="top_n must be a positive int"):
             client.rerank(QUERY, DOCS, top_n=0)
         assert client.rerank(QUERY, []) == []
+
+
+@pytest.mark.parametrize("top_n", [0, -2, "3", 2.0, True])
+def test_top_n_is_refused_as_the_engine_refuses_it(reranker: Reranker, top_n: Any) -> None:
+    with pytest.raises((TypeError, ValueError)) as local:
+        reranker.rerank(QUERY, DOCS, top_n=top_n)
+    with RerankClient(_closed_port_url(), retry=RetryPolicy(max_retries=0)) as client:
+        with pytest.raises(local.type) as remote:
+            client.rerank(QUERY, DOCS, top_n=top_n)
+        assert str(remote.value) == str(local.value)
+        with pytest.raises(local.type, match="top_n"):
+            client.rank(QUERY, DOCS, top_n=top_n)
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:

@@ -16,7 +16,13 @@ import pytest
 import torch
 from fastapi import FastAPI, Request
 
-from qwen3_rerank_plugins import ConfidenceBands, Reranker, RerankResult, register_instruction_template
+from qwen3_rerank_plugins import (
+    ConfidenceBands,
+    Reranker,
+    RerankResult,
+    get_reranker,
+    register_instruction_template,
+)
 from qwen3_rerank_plugins.client import RerankServiceError, RetryPolicy
 from qwen3_rerank_plugins.remote import RemoteReranker
 from qwen3_rerank_plugins.server import create_app
@@ -104,12 +110,64 @@ def test_instructions_and_settings(remote: RemoteReranker, reranker: Reranker) -
         remote.with_settings(colour="red")
 
 
-def test_model_name_comes_from_the_server(url: str, reranker: Reranker) -> None:
-    with RemoteReranker(url) as rr:
-        assert rr.model_name == reranker.model_name
-    with RemoteReranker(url, model="qwen3-reranker-pool") as rr:
+def test_model_name_is_learned_from_answers_without_asking(reranker: Reranker) -> None:
+    front = Front(create_app(reranker))
+    with live_server(front) as base_url, RemoteReranker(base_url) as rr:
+        assert rr.model_name == base_url  # nothing answered yet, and reading it sends nothing
+        assert front.client_ports == set()
+        rr.score(QUERY, TEXTS[:2])
+        assert rr.model_name == reranker.model_name  # the "model" of the /v1/rerank answer
+        assert rr.with_settings(instruction="similar_ticket").model_name == reranker.model_name
+        assert [path for _, path, _ in front.posts] == ["/v1/rerank"]  # and never GET /v1/models
+    with RemoteReranker(_closed_port_url(), model="qwen3-reranker-pool") as rr:
         assert rr.model_name == "qwen3-reranker-pool"
         assert "qwen3-reranker-pool" in repr(rr)
+
+
+def test_device_and_dtype_describe_the_remote(remote: RemoteReranker) -> None:
+    assert remote.device == remote.base_url and remote.dtype == "remote"
+
+
+def test_evaluate_and_the_ui_take_a_remote_reranker(url: str, reranker: Reranker) -> None:
+    from qwen3_rerank_plugins.evaluate import EvalDataset, EvalQuery, evaluate
+    from qwen3_rerank_plugins.ui import rank_for_ui
+
+    data = EvalDataset(
+        name="tickets",
+        documents=tuple(TEXTS[:4]),
+        doc_ids=("a", "b", "c", "d"),
+        queries=(EvalQuery("1", QUERY, {0: 1.0}, (0, 1, 2, 3)), EvalQuery("2", "路灯不亮", {1: 1.0}, (1, 0))),
+    )
+    rr = get_reranker(base_url=url)
+    remote_report = evaluate(rr, data, first_stage="none", ks=[1, 3])
+    local_report = evaluate(reranker, data, first_stage="none", ks=[1, 3])
+    assert remote_report.after == pytest.approx(local_report.after)
+    assert remote_report.device == f"{url} (remote)" and remote_report.model == reranker.model_name
+
+    shown = rank_for_ui(rr, QUERY, "\n".join(TEXTS[:4]), "similar_ticket", "", 2)
+    expected = reranker.rerank(QUERY, TEXTS[:4], top_n=2, instruction="similar_ticket")
+    assert [row[3] for row in shown.rows] == [r.text for r in expected]
+    assert f"on {url} (remote)" in shown.status
+
+
+async def test_fallback_methods_retry_a_low_confidence_query(
+    remote: RemoteReranker, reranker: Reranker
+) -> None:
+    always_low = ConfidenceBands(high=1.0, medium=1.0)  # every score is in the low band
+    query = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了"
+    low = reranker.with_settings(bands=always_low)
+    local = low.rerank_with_fallback(query, TEXTS, top_n=2)
+    rr = remote.with_settings(bands=always_low)
+    for outcome in (
+        rr.rerank_with_fallback(query, TEXTS, top_n=2),
+        await rr.arerank_with_fallback(query, TEXTS, top_n=2),
+    ):
+        assert outcome.fell_back and outcome.retry.query == local.retry.query != query
+        for got, expected in zip(outcome.attempts, local.attempts, strict=True):
+            _same_results(list(got.results), list(expected.results))
+    custom = rr.rerank_with_fallback(query, TEXTS, generalize=lambda q: "电梯坏了")
+    assert custom.retry.query == "电梯坏了"
+    _same_results(list(custom.retry.results), low.rerank("电梯坏了", TEXTS))
 
 
 def test_bad_input_is_refused_before_sending(remote: RemoteReranker) -> None:
@@ -121,6 +179,10 @@ def test_bad_input_is_refused_before_sending(remote: RemoteReranker) -> None:
         remote.score_pairs(["not a pair"])
     with pytest.raises(ValueError, match="top_n must be a positive int"):
         remote.rerank(QUERY, TEXTS, top_n=0)
+    with pytest.raises(TypeError, match="top_n must be a positive int or None, got str"):
+        remote.rerank(QUERY, TEXTS, top_n="3")
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        remote.rerank(QUERY, TEXTS, threshold="0.5")
     with pytest.raises(ValueError, match="threshold must be a number in"):
         remote.rerank(QUERY, TEXTS, threshold=1.5)
     with pytest.raises(ValueError, match="instruction must not be empty"):
@@ -185,12 +247,59 @@ async def test_async_path(remote: RemoteReranker, reranker: Reranker) -> None:
     assert remote._conn.async_client() is remote._conn.async_client()  # one pool per event loop
 
 
-def test_async_works_from_several_event_loops(url: str, reranker: Reranker) -> None:
+def _open_connections_to(base_url: str) -> int | None:
+    """This machine's established TCP connections to ``base_url``'s port (None off Linux)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return None
+    port = int(base_url.rsplit(":", 1)[1])
+    rows = [line.split() for line in table.read_text().splitlines()[1:]]
+    # Client side: remote address (column 2) is the server's port, state 01 is ESTABLISHED.
+    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and row[3] == "01")
+
+
+def test_one_pool_per_event_loop_closed_with_its_loop(url: str, reranker: Reranker) -> None:
     rr = RemoteReranker(url)
     expected = reranker.score(QUERY, TEXTS)
-    for _ in range(2):  # each asyncio.run is a new loop; the pool follows it
-        assert asyncio.run(rr.ascore(QUERY, TEXTS)) == pytest.approx(expected, abs=TOL)
-    asyncio.run(rr.aclose())
+    clients = []
+
+    async def one_request() -> list[float]:
+        clients.append(rr._conn.async_client())
+        return await rr.ascore(QUERY, TEXTS)
+
+    before = _open_connections_to(url)
+    for _ in range(6):  # code that calls asyncio.run per request: a new event loop each time
+        assert asyncio.run(one_request()) == pytest.approx(expected, abs=TOL)
+    assert len(set(map(id, clients))) == 6  # a pool cannot move between loops...
+    assert all(c._http.is_closed for c in clients)  # ...so each one closed with its loop
+    assert rr._conn.pool_count() == 0
+    if before is not None:
+        assert _open_connections_to(url) == before
+
+    # A loop closed by hand, without shutting down its async generators: its pool is let go
+    # the next time any loop asks, so at most one pool per live loop is ever held.
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(rr.ascore(QUERY, TEXTS))
+    loop.close()
+    assert asyncio.run(rr.ascore(QUERY, TEXTS)) == pytest.approx(expected, abs=TOL)
+    assert rr._conn.pool_count() == 0
+
+    # aclose() closes the running loop's pool at once, and the reranker keeps working after it.
+    async def use_then_close() -> None:
+        await rr.ascore(QUERY, TEXTS)
+        client = rr._conn.async_client()
+        await rr.aclose()
+        assert client._http.is_closed and rr._conn.pool_count() == 0
+
+    asyncio.run(use_then_close())
+    rr.close()
+
+
+def test_the_shared_remote_reranker_keeps_no_pool_per_asyncio_run(url: str) -> None:
+    rr = get_reranker(base_url=url)
+    for _ in range(4):
+        asyncio.run(rr.arerank(QUERY, TEXTS, top_n=1))
+    assert rr._conn.pool_count() == 0
 
 
 # -- a vLLM-style server ------------------------------------------------------------------------

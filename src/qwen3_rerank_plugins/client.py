@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
+from .engine import _check_top_n
 
 httpx = require("httpx", "server", "The rerank service client")
 
@@ -190,12 +191,6 @@ def _check_documents(documents: Any) -> list[str | dict[str, Any]]:
                 f"documents[{i}] must be a str or a mapping with a 'text' key, got {type(doc).__name__}"
             )
     return out
-
-
-def _check_top_n(top_n: Any) -> int | None:
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0):
-        raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
-    return top_n
 
 
 def _rerank_payload(
@@ -436,6 +431,8 @@ class _ClientSettings:
             raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
         self.base_url = base_url.rstrip("/")
         self.model = model
+        #: The ``model`` the service named in its latest answer (``None`` until it names one).
+        self.served_model: str | None = None
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
         self.batch_size = batch_size
@@ -446,6 +443,12 @@ class _ClientSettings:
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
         )
+
+    def _parse(self, response: Any, parse: Callable, start: int, size: int) -> list:
+        body = _json_body(response)
+        if isinstance(body, Mapping) and isinstance(body.get("model"), str) and body["model"]:
+            self.served_model = body["model"]
+        return parse(body, start, size, response.status_code)
 
     def _rerank_requests(
         self,
@@ -492,6 +495,9 @@ class RerankClient(_ClientSettings):
         http_client: An ``httpx.Client`` to use instead of creating one (its base URL, headers
             and timeouts are then yours to set).
 
+    Attributes:
+        served_model: The ``model`` the service named in its latest answer (``None`` until then).
+
     Raises:
         ValueError: A malformed ``base_url`` or a setting out of range.
     """
@@ -516,8 +522,7 @@ class RerankClient(_ClientSettings):
     def _post_all(self, path: str, requests: list[tuple[int, int, dict[str, Any]]], parse: Callable) -> list:
         def post(request: tuple[int, int, dict[str, Any]]) -> list:
             start, size, payload = request
-            response = self._send("POST", path, payload)
-            return parse(_json_body(response), start, size, response.status_code)
+            return self._parse(self._send("POST", path, payload), parse, start, size)
 
         if len(requests) == 1:
             return [post(requests[0])]
@@ -628,7 +633,7 @@ class AsyncRerankClient(_ClientSettings):
             start, size, payload = request
             async with limit:
                 response = await self._send("POST", path, payload)
-            return parse(_json_body(response), start, size, response.status_code)
+            return self._parse(response, parse, start, size)
 
         tasks: list[Awaitable[list]] = [post(r) for r in requests]
         return list(await asyncio.gather(*tasks))

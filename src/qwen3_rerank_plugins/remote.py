@@ -1,12 +1,15 @@
 """A reranker whose model runs elsewhere: any server speaking ``/v1/rerank``.
 
 :class:`RemoteReranker` has the scoring surface of the local
-:class:`~qwen3_rerank_plugins.Reranker` (``score``, ``score_pairs``, ``rerank``, their ``a``-prefixed
-async twins, ``model_name``, ``bands``, ``with_settings``), so code written for the engine, and the
-LlamaIndex and LangChain adapters, work unchanged against a pool of replicas: this project's
-``qwen3-rerank serve`` (plain or on Ray Serve, behind a load balancer) or vLLM serving
-Qwen3-Reranker. Requests go through :class:`~qwen3_rerank_plugins.client.RerankClient`: timeouts,
-retries with backoff, long lists split into several requests and merged in input order.
+:class:`~qwen3_rerank_plugins.Reranker` (``score``, ``score_pairs``, ``rerank``, ``rank``,
+``rerank_with_fallback``, their ``a``-prefixed async twins, ``model_name``, ``device``, ``dtype``,
+``bands``, ``instruction``, ``with_settings``), so code written for the engine, and the LlamaIndex
+and LangChain adapters, work unchanged against a pool of replicas: this project's
+``qwen3-rerank serve`` (plain or on Ray Serve, behind a load balancer), or vLLM serving
+Qwen3-Reranker with ``prompt_format="vllm"``. What needs the tokenizer (``prompt_ids``,
+``count_tokens``, ``tokenizer``) stays with the local engine. Requests go through
+:class:`~qwen3_rerank_plugins.client.RerankClient`: timeouts, retries with backoff, long lists
+split into several requests and merged in input order.
 
 Scores are the server's: the same as the local engine's for this project's service. The log-odds
 of each result are recovered from the probability the server returns (exact to about 1e-9 for
@@ -22,10 +25,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from .client import (
@@ -40,6 +44,7 @@ from .client import (
     RetryPolicy,
 )
 from .engine import Document, _check_query, _check_threshold, _check_top_n, _document_text, _document_texts
+from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
 from .results import ConfidenceBands, RerankResult
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX, InstructionTemplate, format_document, format_head
 from .templates import resolve_instruction as _resolve
@@ -57,37 +62,111 @@ _PROMPT_FORMATS = ("server", "vllm")
 _SERVER_SETTINGS = ("max_length", "batch_tokens", "max_batch_size", "prefix_cache")
 
 
+class _LoopPool:
+    """The pooled async client of one event loop, closed when that loop shuts down.
+
+    A connection pool cannot move between event loops, so each loop gets its own. To close it
+    with its loop, the pool starts an async generator inside the loop: ``asyncio.run`` (and
+    ``asyncio.Runner``, or any ``loop.shutdown_asyncgens()``) closes that generator before
+    closing the loop, and the generator's ``finally`` closes the pool's connections.
+    """
+
+    def __init__(self, client: AsyncRerankClient, forget: Callable[[_LoopPool], None]) -> None:
+        self.client = client
+        self._forget = forget
+        self._closing = False
+        self._watcher = self._close_with_the_loop()
+        # One step inside the running loop registers the generator with it (its first-iteration
+        # hook); the body runs up to ``yield`` without awaiting, so this step is synchronous.
+        with contextlib.suppress(StopIteration):
+            self._watcher.asend(None).send(None)
+
+    async def _close_with_the_loop(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if not self._closing:
+                self._closing = True
+                self._forget(self)
+                await self.client.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections now (from the pool's own loop)."""
+        self._stop_watching()
+        await self.client.aclose()
+
+    def abandon(self) -> None:
+        """Let go of a pool whose loop was closed without shutting down its async generators.
+
+        Its sockets cannot be closed through a closed loop; they close when collected.
+        """
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        # Finish the generator here, so it is never finalised later through its (maybe closed) loop.
+        self._closing = True
+        with contextlib.suppress(StopIteration):
+            self._watcher.aclose().send(None)
+
+
 class _Connection:
-    """The HTTP clients shared by a :class:`RemoteReranker` and the views ``with_settings`` makes."""
+    """The HTTP clients shared by a :class:`RemoteReranker` and the views ``with_settings`` makes.
+
+    One blocking client, and one pooled async client per live event loop: code that calls
+    ``asyncio.run`` per request gets a pool per call, each closed when its loop shuts down.
+    """
 
     def __init__(self, base_url: str, options: dict[str, Any]) -> None:
         self.options = {"base_url": base_url, **options}
         self.sync = RerankClient(**self.options)
         self.base_url = self.sync.base_url
-        self._async: AsyncRerankClient | None = None
-        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._lock = threading.Lock()
         self.served_model: str | None = None
 
     def async_client(self) -> AsyncRerankClient:
-        """The pooled async client of the running event loop (a new loop gets a new pool)."""
+        """The pooled async client of the running event loop."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._async is None or self._async_loop is not loop:
-                # A pool cannot move between event loops; the old one went with its loop.
-                self._async = AsyncRerankClient(**self.options)
-                self._async_loop = loop
-            return self._async
+            self._drop_closed_loops()
+            pool = self._pools.get(loop)
+            if pool is None:
+                pool = self._pools[loop] = _LoopPool(AsyncRerankClient(**self.options), self._forget)
+            return pool.client
+
+    def learn(self, client: RerankClient | AsyncRerankClient) -> None:
+        """Remember the model name the service reported (for :attr:`RemoteReranker.model_name`)."""
+        if client.served_model is not None:
+            self.served_model = client.served_model
+
+    def pool_count(self) -> int:
+        """How many async connection pools are open (one per live event loop at most)."""
+        with self._lock:
+            self._drop_closed_loops()
+            return len(self._pools)
+
+    def _forget(self, pool: _LoopPool) -> None:
+        with self._lock:
+            for loop, held in list(self._pools.items()):
+                if held is pool:
+                    del self._pools[loop]
+
+    def _drop_closed_loops(self) -> None:
+        for loop in [loop for loop in self._pools if loop.is_closed()]:
+            logger.debug("event loop %r closed without shutting down its async generators", loop)
+            self._pools.pop(loop).abandon()
 
     def close(self) -> None:
         self.sync.close()
+        with self._lock:
+            self._drop_closed_loops()
 
     async def aclose(self) -> None:
         with self._lock:
-            client, loop = self._async, self._async_loop
-            self._async = self._async_loop = None
-        if client is not None and loop is asyncio.get_running_loop():
-            await client.aclose()
+            self._drop_closed_loops()
+            pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.aclose()
         self.sync.close()
 
 
@@ -107,7 +186,7 @@ class RemoteReranker:
             front of several replicas works the same).
         api_key: Sent as ``Authorization: Bearer <api_key>``.
         model: Model name sent with each request (vLLM and hosted APIs want the served name) and
-            reported by :attr:`model_name`; by default asked from ``GET /v1/models``.
+            reported by :attr:`model_name`; by default the name the service gives in its answers.
         instruction: Default instruction (template name or free text). ``None``: the server's
             default (``"vllm"`` format: the model card's).
         bands: Cut-offs of the high / medium / low band of each result.
@@ -212,17 +291,22 @@ class RemoteReranker:
 
     @property
     def model_name(self) -> str:
-        """The ``model`` given, else the served model's id (asked once), else the URL."""
-        if self._model is not None:
-            return self._model
-        if self._conn.served_model is None:
-            try:
-                served = self._conn.sync.models()
-            except RerankServiceError as exc:
-                logger.debug("could not ask %s for its model: %s", self.base_url, exc)
-                return self.base_url
-            self._conn.served_model = served[0] if served else self.base_url
-        return self._conn.served_model
+        """The ``model`` given, else the name the service reported in its answers, else the URL.
+
+        Never does I/O (adapters read it inside the event loop): until the first answer, a
+        reranker without ``model`` is named by its URL.
+        """
+        return self._model or self._conn.served_model or self.base_url
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: the service's URL (its device is the server's business)."""
+        return self.base_url
+
+    @property
+    def dtype(self) -> str:
+        """``"remote"``: the weights' precision is chosen where the server starts."""
+        return "remote"
 
     def __repr__(self) -> str:
         model = f", model={self._model!r}" if self._model else ""
@@ -258,7 +342,7 @@ class RemoteReranker:
         request = self._request(query, documents, instruction)
         if request is None:
             return []
-        return self._scores(self._conn.sync.rerank(**request), len(documents), return_logits)
+        return self._scores(self._post(self._conn.sync, request), len(documents), return_logits)
 
     def score_pairs(
         self,
@@ -311,7 +395,7 @@ class RemoteReranker:
         request = self._request(query, documents, instruction, top_n=top_n)
         if request is None:
             return []
-        return self._results(self._conn.sync.rerank(**request), documents, threshold)
+        return self._results(self._post(self._conn.sync, request), documents, threshold)
 
     def rank(
         self,
@@ -345,7 +429,7 @@ class RemoteReranker:
         request = self._request(query, documents, instruction)
         if request is None:
             return []
-        hits = await self._conn.async_client().rerank(**request)
+        hits = await self._apost(request)
         return self._scores(hits, len(documents), return_logits)
 
     async def ascore_pairs(
@@ -385,8 +469,60 @@ class RemoteReranker:
         request = self._request(query, documents, instruction, top_n=top_n)
         if request is None:
             return []
-        hits = await self._conn.async_client().rerank(**request)
+        hits = await self._apost(request)
         return self._results(hits, documents, threshold)
+
+    # -- low-confidence fallback ----------------------------------------------------------------
+
+    def rerank_with_fallback(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        generalize: Callable[[str], str] | None = None,
+    ) -> FallbackRerank:
+        """:meth:`rerank`; if the best score is in the low band, generalize the query and rerank again.
+
+        See :func:`qwen3_rerank_plugins.fallback.rerank_with_fallback`; both attempts are returned.
+
+        Example:
+            >>> outcome = rr.rerank_with_fallback("朝阳区建国路88号电梯又坏了", tickets)  # doctest: +SKIP
+            >>> outcome.fell_back, outcome.final.query  # doctest: +SKIP
+            (True, '电梯又坏了')
+        """
+        return rerank_with_fallback(
+            self,  # type: ignore[arg-type]  # the fallback needs only the scoring surface
+            query,
+            documents,
+            generalize=generalize,
+            top_n=top_n,
+            threshold=threshold,
+            instruction=instruction,
+        )
+
+    async def arerank_with_fallback(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        generalize: Callable[[str], str] | None = None,
+    ) -> FallbackRerank:
+        """:meth:`rerank_with_fallback` over the pooled async client; the event loop keeps running."""
+        return await arerank_with_fallback(
+            self,  # type: ignore[arg-type]
+            query,
+            documents,
+            generalize=generalize,
+            top_n=top_n,
+            threshold=threshold,
+            instruction=instruction,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -441,6 +577,17 @@ class RemoteReranker:
             # Names are resolved here, so templates registered in this process work remotely.
             "instruction": None if chosen is None else _resolve(chosen),
         }
+
+    def _post(self, client: RerankClient, request: dict[str, Any]) -> list[RerankHit]:
+        hits = client.rerank(**request)
+        self._conn.learn(client)
+        return hits
+
+    async def _apost(self, request: dict[str, Any]) -> list[RerankHit]:
+        client = self._conn.async_client()
+        hits = await client.rerank(**request)
+        self._conn.learn(client)
+        return hits
 
     @staticmethod
     def _groups(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[int], list[str]]]:
