@@ -306,14 +306,22 @@ def test_empty_documents_never_touch_the_model(reranker):
 # ------------------------------------------------------------------ robustness
 
 
-def test_out_of_memory_splits_the_batch_and_keeps_every_document(reranker, caplog):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_splits_the_batch_and_keeps_every_document(reranker, caplog, error):
     docs = [f"文档 {i} " + "内容" * (i % 7) for i in range(20)]
     expected = reranker.score(FAQ_QUERY, docs)
 
     def fail_large_batches(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.shape[0] > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
 
     handle = reranker._core.backbone.register_forward_pre_hook(fail_large_batches, with_kwargs=True)
     try:
@@ -441,3 +449,27 @@ def test_a_mistyped_template_name_is_free_text_with_a_warning(reranker, caplog):
     with caplog.at_level("WARNING", logger="qwen3_rerank_plugins"):
         reranker.score(FAQ_QUERY, FAQ_DOCS[:2], instruction="Find the FAQ entry that answers the question")
     assert "not a template name" not in caplog.text
+
+
+def test_batches_count_the_shared_prefix_against_the_budget(reranker):
+    # A long query (the cached prefix) with short documents: every forward pass over documents
+    # must fit rows x (width + prefix) into batch_tokens, as the prefix's keys/values are
+    # broadcast to every row.
+    query = "朝阳区建国路小区电梯反复故障，居民多次投诉，" * 12
+    docs = [f"工单 {i}：电梯故障" for i in range(30)]
+    rr = reranker.with_settings(batch_tokens=1024)
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get(reranker._core.cache_kwarg)
+        if cache is not None and ids is not None:
+            seen.append(ids.shape[0] * (ids.shape[1] + cache.get_seq_length()))
+
+    handle = reranker._core.backbone.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = rr.score(query, docs)
+    finally:
+        handle.remove()
+    assert len(seen) > 1 and max(seen) <= 1024, seen
+    assert max(abs(a - b) for a, b in zip(got, reranker.score(query, docs), strict=True)) <= TOL

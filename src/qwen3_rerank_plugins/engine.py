@@ -304,8 +304,14 @@ class _Job:
     positions: list[int]  # where each sequence's score goes in the output
 
 
-def _batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> Iterable[list[int]]:
+def _batches(
+    lengths: list[int], batch_tokens: int, max_batch_size: int, prefix_length: int = 0
+) -> Iterable[list[int]]:
     """Indices into ``lengths`` grouped longest first so each padded batch stays under the budget.
+
+    Each row also attends over a shared prefix of ``prefix_length`` cached tokens, whose keys and
+    values are broadcast to every row: a row costs ``width + prefix_length`` of the budget, so a
+    long query cannot multiply into a batch far larger than asked for.
 
     A batch is also closed early, once it holds an eighth of the budget in real tokens, before a
     row that would make more than :data:`_MAX_PADDING` of it padding: a forward pass of that size
@@ -318,7 +324,7 @@ def _batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> Iter
     for i in order:
         width = lengths[batch[0]] if batch else lengths[i]
         rows = len(batch) + 1
-        full = rows * width > batch_tokens or len(batch) >= max_batch_size
+        full = rows * (width + prefix_length) > batch_tokens or len(batch) >= max_batch_size
         wasteful = real >= min_tokens and real + lengths[i] < (1 - _MAX_PADDING) * rows * width
         if batch and (full or wasteful):
             yield batch
@@ -330,7 +336,11 @@ def _batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> Iter
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    # CUDA/MPS say "out of memory"; the CPU allocator says "can't allocate memory".
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        words in message for words in ("out of memory", "allocate memory")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,7 +847,8 @@ class Reranker:
                 prefix = None
                 if job.prefix_ids is not None:
                     prefix = self._run(self._core.run_prefix, job.prefix_ids)
-                for batch in _batches(lengths, self.batch_tokens, self.max_batch_size):
+                prefix_length = len(job.prefix_ids) if job.prefix_ids is not None else 0
+                for batch in _batches(lengths, self.batch_tokens, self.max_batch_size, prefix_length):
                     logits = self._run_batch([job.sequences[i] for i in batch], prefix)
                     for i, value in zip(batch, logits, strict=True):
                         out[job.positions[i]] = value
@@ -932,13 +943,15 @@ def get_reranker(
 
     With ``base_url`` nothing is loaded here: the result is a shared
     :class:`~qwen3_rerank_plugins.remote.RemoteReranker` with the same scoring methods, backed by
-    a service speaking ``/v1/rerank`` (``qwen3-rerank serve``, its Ray Serve deployment, vLLM).
+    this project's service (``qwen3-rerank serve`` or its Ray Serve deployment).
 
     Args:
         model_name_or_path, device, dtype, source, revision, cache_dir, attn_implementation:
             As for :meth:`Reranker.from_pretrained`; they decide which weights are loaded.
-        base_url: URL of a rerank service to score on instead of a local model (needs the
-            ``[server]`` extra for its HTTP client); the loading arguments are then ignored.
+        base_url: URL of this project's rerank service or its Ray Serve deployment to score on
+            instead of a local model (needs the ``[server]`` extra for its HTTP client); the
+            loading arguments are then ignored. For vLLM build
+            ``RemoteReranker(url, model=..., prompt_format="vllm")`` instead.
         api_key: Bearer key of that service.
         **settings: Scoring settings as for :class:`Reranker` (for a remote reranker: those a
             client can choose, such as ``instruction`` and ``bands``).
