@@ -45,7 +45,8 @@ class EngineSettings(BaseModel):
     """Hub id (``"Qwen/Qwen3-Reranker-4B"``) or local directory of a Qwen3-Reranker."""
     base_url: str | None = None
     """URL of a rerank service to score on instead of a local model: this project's
-    ``qwen3-rerank serve``, its Ray Serve deployment, or vLLM (anything speaking ``/v1/rerank``).
+    ``qwen3-rerank serve`` or its Ray Serve deployment (the server applies the prompt template).
+    For vLLM pass ``reranker=RemoteReranker(url, model=..., prompt_format="vllm")`` instead.
     ``model``, ``device``, ``dtype`` and ``source`` are then ignored."""
     api_key: str | None = Field(default=None, exclude=True, repr=False)
     """Bearer key of the ``base_url`` service (default: ``$QWEN3_RERANK_API_KEY``); never serialised."""
