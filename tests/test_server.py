@@ -632,6 +632,33 @@ def test_a_full_queue_answers_503_with_retry_after(reranker: Reranker) -> None:
     assert after.status_code == 200
 
 
+def test_a_request_whose_client_disconnected_is_dropped_before_scoring(reranker: Reranker) -> None:
+    # The worker waits 1.5 s after the first request: the client hangs up meanwhile.
+    app = create_app(reranker, batch_wait_ms=1500)
+    body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
+    head = "POST /v1/rerank HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        before = _metrics(client)
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head.encode() + body)
+            _wait_for(
+                lambda: _metrics(client)[("qwen3_rerank_queue_depth", ())] == 1, 30, "the request to queue"
+            )
+        dropped = "qwen3_rerank_requests_total", (("endpoint", "/v1/rerank"), ("status", "499"))
+        _wait_for(lambda: _metrics(client).get(dropped, 0) == 1, 30, "the server to notice the hang-up")
+        # Answered after the worker woke: everything queued before it has been handled by then.
+        answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:2]})
+        after = _metrics(client)
+
+    assert answer.status_code == 200, answer.text
+    pairs, merged = ("qwen3_rerank_pairs_scored_total", ()), ("qwen3_rerank_batch_requests_sum", ())
+    assert after[pairs] - before.get(pairs, 0) == 2  # only the second request's documents were scored
+    assert after[merged] - before.get(merged, 0) == 1
+    assert after[("qwen3_rerank_queue_depth", ())] == 0
+
+
 # -- graceful shutdown ------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..results import ConfidenceBands
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
-from .handlers import check_bearer, rank_response, read_json, rerank_response
+from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .schemas import RequestError, error_body
 
@@ -41,6 +41,7 @@ _RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
 _KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics"})
 _RETRY_AFTER_LOADING = "5"
 _RETRY_AFTER_BUSY = "1"
+_CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
 
 
 class ServiceState:
@@ -188,7 +189,17 @@ def create_app(
     def check_auth(request: Request) -> None:
         check_bearer(request.headers.get("authorization"), api_key)
 
-    async def score(
+    def scorer(request: Request) -> ScoreFn:
+        """Scoring through the batcher for one request; dropped if its client disconnects first."""
+
+        async def score(
+            query: str, texts: list[str], instruction: str | None, count_tokens: bool
+        ) -> tuple[list[float], int | None]:
+            return await _unless_disconnected(request, submit(query, texts, instruction, count_tokens))
+
+        return score
+
+    async def submit(
         query: str, texts: list[str], instruction: str | None, count_tokens: bool
     ) -> tuple[list[float], int | None]:
         batcher = state.batcher
@@ -264,7 +275,11 @@ def create_app(
         check_auth(request)
         body = await read_json(request, max_body_bytes)
         payload = await rerank_response(
-            body, path=request.url.path, score=score, max_documents=max_documents, model_name=state.model_name
+            body,
+            path=request.url.path,
+            score=scorer(request),
+            max_documents=max_documents,
+            model_name=state.model_name,
         )
         return JSONResponse(payload)
 
@@ -282,7 +297,7 @@ def create_app(
         check_auth(request)
         body = await read_json(request, max_body_bytes)
         payload = await rank_response(
-            body, score=score, bands=bands, max_documents=max_documents, model_name=state.model_name
+            body, score=scorer(request), bands=bands, max_documents=max_documents, model_name=state.model_name
         )
         return JSONResponse(payload)
 
@@ -320,6 +335,41 @@ async def _call_in_daemon_thread(fn: Callable[[], Any]) -> Any:
 
     threading.Thread(target=work, name="qwen3-rerank-load", daemon=True).start()
     return await future
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``await work``, cancelled as soon as the client disconnects.
+
+    Cancelling a request that waits in the :class:`MicroBatcher` queue cancels its future, so the
+    batcher drops it before scoring (and discards its scores if it is already being scored).
+
+    Raises:
+        RequestError: 499 ``client_closed_request`` when the client went away first.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        logger.info("client disconnected; its request was dropped")
+        raise RequestError(
+            "the client disconnected before its request was scored",
+            status_code=_CLIENT_CLOSED,
+            type="client_closed_request",
+        )
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the client has disconnected (the body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error_response(exc: RequestError) -> JSONResponse:
