@@ -473,3 +473,28 @@ def test_batches_count_the_shared_prefix_against_the_budget(reranker):
         handle.remove()
     assert len(seen) > 1 and max(seen) <= 1024, seen
     assert max(abs(a - b) for a, b in zip(got, reranker.score(query, docs), strict=True)) <= TOL
+
+
+def test_concurrent_get_reranker_loads_each_model_once(tiny_word_model_dir, reranker, monkeypatch):
+    loads = []
+    real = Reranker.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Reranker, "from_pretrained", classmethod(counting))
+    got: list[Reranker] = []
+
+    def call(i: int) -> None:
+        got.append(get_reranker(tiny_word_model_dir, device="cpu", dtype="bfloat16", max_length=64 + i % 2))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got) == 6 and len(loads) == 1
+    assert len({id(r) for r in got}) == 2  # two settings, one loaded model
+    assert all(r.shares_model_with(got[0]) for r in got)
+    assert get_reranker(tiny_word_model_dir, device="cpu", dtype="bfloat16", max_length=64) in got

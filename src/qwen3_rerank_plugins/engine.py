@@ -911,6 +911,7 @@ def _sigmoid(x: float) -> float:
 _models: dict[tuple, _ScoringModel] = {}
 _rerankers: dict[tuple, Reranker] = {}
 _registry_lock = threading.Lock()
+_loading_locks: dict[tuple, threading.Lock] = {}
 
 
 def _freeze(value: Any) -> Any:
@@ -981,8 +982,16 @@ def get_reranker(
     with _registry_lock:
         if full_key in _rerankers:
             return _rerankers[full_key]
-        if load_key in _models:
-            reranker = Reranker._from_core(_models[load_key], **settings)
+        # One lock per set of weights: loading (maybe a download) blocks only callers that
+        # wait for the same model, never the whole registry.
+        loading = _loading_locks.setdefault(load_key, threading.Lock())
+    with loading:
+        with _registry_lock:
+            if full_key in _rerankers:
+                return _rerankers[full_key]
+            core = _models.get(load_key)
+        if core is not None:
+            reranker = Reranker._from_core(core, **settings)
         else:
             reranker = Reranker.from_pretrained(
                 model_name_or_path,
@@ -994,9 +1003,9 @@ def get_reranker(
                 attn_implementation=attn_implementation,
                 **settings,
             )
-            _models[load_key] = reranker._core
-        _rerankers[full_key] = reranker
-        return reranker
+        with _registry_lock:
+            _models.setdefault(load_key, reranker._core)
+            return _rerankers.setdefault(full_key, reranker)
 
 
 def _get_remote_reranker(base_url: str, api_key: str | None, settings: dict[str, Any]) -> RemoteReranker:
