@@ -43,8 +43,15 @@ from .client import (
     RerankServiceError,
     RetryPolicy,
 )
-from .engine import Document, _check_query, _check_threshold, _check_top_n, _document_text, _document_texts
-from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
+from .engine import (
+    Document,
+    Reranker,
+    _check_query,
+    _check_threshold,
+    _check_top_n,
+    _document_text,
+    _document_texts,
+)
 from .results import ConfidenceBands, RerankResult
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX, InstructionTemplate, format_document, format_head
 from .templates import resolve_instruction as _resolve
@@ -474,55 +481,10 @@ class RemoteReranker:
 
     # -- low-confidence fallback ----------------------------------------------------------------
 
-    def rerank_with_fallback(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        top_n: int | None = None,
-        threshold: float | None = None,
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        generalize: Callable[[str], str] | None = None,
-    ) -> FallbackRerank:
-        """:meth:`rerank`; if the best score is in the low band, generalize the query and rerank again.
-
-        See :func:`qwen3_rerank_plugins.fallback.rerank_with_fallback`; both attempts are returned.
-
-        Example:
-            >>> outcome = rr.rerank_with_fallback("朝阳区建国路88号电梯又坏了", tickets)  # doctest: +SKIP
-            >>> outcome.fell_back, outcome.final.query  # doctest: +SKIP
-            (True, '电梯又坏了')
-        """
-        return rerank_with_fallback(
-            self,  # type: ignore[arg-type]  # the fallback needs only the scoring surface
-            query,
-            documents,
-            generalize=generalize,
-            top_n=top_n,
-            threshold=threshold,
-            instruction=instruction,
-        )
-
-    async def arerank_with_fallback(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        top_n: int | None = None,
-        threshold: float | None = None,
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        generalize: Callable[[str], str] | None = None,
-    ) -> FallbackRerank:
-        """:meth:`rerank_with_fallback` over the pooled async client; the event loop keeps running."""
-        return await arerank_with_fallback(
-            self,  # type: ignore[arg-type]
-            query,
-            documents,
-            generalize=generalize,
-            top_n=top_n,
-            threshold=threshold,
-            instruction=instruction,
-        )
+    # The engine's own methods: they hand ``self`` to qwen3_rerank_plugins.fallback, which needs
+    # only the scoring surface (``rerank`` / ``arerank``, ``bands``, ``with_settings``).
+    rerank_with_fallback = Reranker.rerank_with_fallback
+    arerank_with_fallback = Reranker.arerank_with_fallback
 
     # -- lifecycle ----------------------------------------------------------------------------
 
