@@ -199,20 +199,16 @@ def _close(got: object, expected: object) -> bool:
     return True
 
 
-def test_rank_fallback_answers_as_the_plain_service(ray_url: str, plain_url: str, reranker: Reranker) -> None:
+def test_rank_fallback_answers_as_the_plain_service(ray_url: str, plain_url: str) -> None:
+    """The plain service's answer is checked against the engine in test_server.py."""
     query = "朝阳区建国路88号3号楼电梯昨晚十一点又坏了"
     got = _same_answer(ray_url, plain_url, "/rank", {"query": query, "documents": TICKETS, "fallback": True})
 
     # Random tiny-model scores are all in the default low band: the retry always runs.
-    retried = generalize(query)
-    first, second = reranker.rerank(query, TICKETS), reranker.rerank(retried, TICKETS)
-    better = second if second[0].score > first[0].score else first
-    assert got["fallback"] == {
-        "retried_query": retried,
-        "used_query": retried if better is second else query,
-        "needs_review": True,
-    }
-    assert [r["id"] for r in got["results"]] == [r.document["id"] for r in better]
+    assert got["fallback"]["retried_query"] == generalize(query) != query
+    assert got["fallback"]["needs_review"] is True
+    assert sorted(r["index"] for r in got["results"]) == list(range(len(TICKETS)))
+    assert [r["id"] for r in got["results"]] == [TICKETS[r["index"]]["id"] for r in got["results"]]
     plain = _same_answer(ray_url, plain_url, "/rank", {"query": query, "documents": TICKETS})
     assert "fallback" not in plain
 
