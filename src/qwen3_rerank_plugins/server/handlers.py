@@ -37,7 +37,7 @@ __all__ = [
 
 #: ``await score(query, texts, instruction, count_tokens)`` -> ``(logits in input order, tokens)``;
 #: ``tokens`` may be ``None`` when ``count_tokens`` is false. Raises :class:`RequestError`.
-ScoreFn = Callable[[str, list[str], "str | None", bool], Awaitable[tuple[list[float], "int | None"]]]
+ScoreFn = Callable[[str, list[str], str | None, bool], Awaitable[tuple[list[float], int | None]]]
 
 TEI_PATH = "/rerank"
 
