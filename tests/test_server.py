@@ -763,3 +763,11 @@ def test_readme_example_runs_against_the_service(reranker: Reranker, capsys: pyt
     tickets = [{"id": "T-1021", "text": "建国路88号小区电梯故障"}, {"id": "T-0932", "text": "海淀区路灯不亮"}]
     expected = reranker.rerank("朝阳区建国路电梯又坏了", tickets, instruction="similar_ticket")
     assert [r["id"] for r in ast.literal_eval(ranked)] == [r.document["id"] for r in expected]
+
+
+def test_a_remote_reranker_is_refused_with_a_clear_error() -> None:
+    from qwen3_rerank_plugins.remote import RemoteReranker
+
+    with RemoteReranker("http://127.0.0.1:9") as remote:
+        with pytest.raises(TypeError, match="serves a local Reranker"):
+            create_app(remote)

@@ -36,7 +36,7 @@ import torch
 
 from .device import resolve_device, resolve_dtype
 from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
-from .results import ConfidenceBands, RerankResult
+from .results import ConfidenceBands, RerankResult, ranked_order, sigmoid
 from .sources import resolve_model_dir, validate_model_dir
 from .templates import (
     PROMPT_PREFIX,
@@ -591,7 +591,7 @@ class Reranker:
         texts = _document_texts(documents)
         instr = resolve_instruction(instruction, self._instruction_arg)
         logits = self._score_triples([(instr, query, t) for t in texts], show_progress)
-        return logits if return_logits else [_sigmoid(x) for x in logits]
+        return logits if return_logits else [sigmoid(x) for x in logits]
 
     def score_pairs(
         self,
@@ -615,7 +615,7 @@ class Reranker:
             query = _check_query(pair[0], f"pairs[{i}][0]")
             triples.append((instr, query, _document_text(pair[1], f"pairs[{i}][1]")))
         logits = self._score_triples(triples, show_progress)
-        return logits if return_logits else [_sigmoid(x) for x in logits]
+        return logits if return_logits else [sigmoid(x) for x in logits]
 
     def rerank(
         self,
@@ -644,10 +644,9 @@ class Reranker:
         top_n = _check_top_n(top_n)
         threshold = _check_threshold(threshold)
         logits = self.score(query, documents, instruction, return_logits=True, show_progress=show_progress)
-        order = sorted(range(len(logits)), key=lambda i: (-logits[i], i))
         results = []
-        for i in order:
-            score = _sigmoid(logits[i])
+        for i in ranked_order(logits):
+            score = sigmoid(logits[i])
             if threshold is not None and score < threshold:
                 break
             results.append(
@@ -895,13 +894,6 @@ class Reranker:
             len(sequences) - half,
         )
         return self._run_batch(sequences[:half], prefix) + self._run_batch(sequences[half:], prefix)
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Band", "ConfidenceBands", "RerankResult"]
+__all__ = ["Band", "ConfidenceBands", "RerankResult", "ranked_order", "sigmoid"]
 
 Band = Literal["high", "medium", "low"]
+
+
+def sigmoid(x: float) -> float:
+    """``P(yes)`` from the log-odds ``z_yes - z_no``, without overflow."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def ranked_order(logits: list[float], top_n: int | None = None) -> list[int]:
+    """Indices best first, ties in input order, cut to ``top_n``: the order of every ranking here."""
+    order = sorted(range(len(logits)), key=lambda i: (-logits[i], i))
+    return order if top_n is None else order[:top_n]
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,8 @@ def create_app(
     loaded = reranker_or_factory if hasattr(reranker_or_factory, "score_pairs") else None
     if loaded is None and not callable(reranker_or_factory):
         raise TypeError("create_app needs a Reranker or a zero-argument callable that returns one")
+    if loaded is not None:
+        _check_servable(loaded)
 
     async def activate(reranker: Any) -> None:
         batcher = MicroBatcher(
@@ -139,8 +141,7 @@ def create_app(
     async def load_in_background() -> None:
         try:
             reranker = await _call_in_daemon_thread(reranker_or_factory)
-            if not hasattr(reranker, "score_pairs"):
-                raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
+            _check_servable(reranker)
             await activate(reranker)
         except Exception as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -370,6 +371,17 @@ async def _disconnect(request: Request) -> None:
     """Return once the client has disconnected (the body must have been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _check_servable(reranker: Any) -> None:
+    """The service scores with a local engine; a remote one already has a service behind it."""
+    if not hasattr(reranker, "score_pairs"):
+        raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
+    if not hasattr(reranker, "count_tokens"):
+        raise TypeError(
+            f"create_app serves a local Reranker, not a {type(reranker).__name__}: point clients at "
+            "the service that one talks to instead"
+        )
 
 
 def _error_response(exc: RequestError) -> JSONResponse:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
-from ..results import ConfidenceBands, RerankResult
+from ..results import ConfidenceBands, RerankResult, ranked_order, sigmoid
 from .schemas import (
     RankRequest,
     RequestError,
@@ -22,8 +22,6 @@ from .schemas import (
     parse_rank,
     parse_rerank,
     parse_tei,
-    ranked_order,
-    sigmoid,
 )
 
 __all__ = [

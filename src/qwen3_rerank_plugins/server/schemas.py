@@ -16,7 +16,6 @@ extras (``max_tokens_per_doc``, ``rank_fields``, ``truncate_prompt_tokens``, ``u
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,6 @@ __all__ = [
     "parse_rank",
     "parse_rerank",
     "parse_tei",
-    "ranked_order",
-    "sigmoid",
 ]
 
 
@@ -293,17 +290,3 @@ def parse_rank(body: Mapping[str, Any], *, max_documents: int) -> RankRequest:
         instruction=_instruction(body),
         fallback=_flag(body, "fallback", False),
     )
-
-
-def sigmoid(x: float) -> float:
-    """``P(yes)`` from the log-odds ``z_yes - z_no``, without overflow."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def ranked_order(logits: list[float], top_n: int | None) -> list[int]:
-    """Indices best first, ties in input order, cut to ``top_n`` (as :meth:`Reranker.rerank` orders)."""
-    order = sorted(range(len(logits)), key=lambda i: (-logits[i], i))
-    return order if top_n is None else order[:top_n]
