@@ -768,6 +768,6 @@ def test_readme_example_runs_against_the_service(reranker: Reranker, capsys: pyt
 def test_a_remote_reranker_is_refused_with_a_clear_error() -> None:
     from qwen3_rerank_plugins.remote import RemoteReranker
 
-    with RemoteReranker("http://127.0.0.1:9") as remote:
-        with pytest.raises(TypeError, match="serves a local Reranker"):
-            create_app(remote)
+    refused = pytest.raises(TypeError, match="serves a local Reranker")
+    with RemoteReranker("http://127.0.0.1:9") as remote, refused:
+        create_app(remote)
