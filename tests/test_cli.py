@@ -500,3 +500,20 @@ def test_serve_ray_options_are_checked_before_anything_starts(
     assert done.returncode == 1, done.stderr
     lines = _error_lines(done.stderr)
     assert len(lines) == 1 and words in lines[0], done.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # `qwen3-rerank rank ... | head -c 100`: the pipe closes while the output is being written.
+    docs = tmp_path / "many.txt"
+    docs.write_text("\n".join(f"文档内容比较长的一行 {i}" for i in range(3000)), encoding="utf-8")
+    args = ["rank", "--quiet", "--model", str(tiny_model_dir), "-q", QUERY, "-d", str(docs), "--json"]
+    proc = subprocess.Popen(
+        [*_script(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    status = proc.wait(timeout=TIMEOUT)
+    stderr = proc.stderr.read().decode()
+    assert status == 141, stderr
+    assert "error" not in stderr.lower() and "Traceback" not in stderr

@@ -617,6 +617,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as a Unix tool killed by SIGPIPE does,
+        # and keep Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CommandError, ModelSourceError, ImportError, OSError, ValueError, TypeError, RuntimeError) as exc:
         logger.debug("command failed", exc_info=True)
         print(f"error: {_one_line(exc)}", file=sys.stderr)
