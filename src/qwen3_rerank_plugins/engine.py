@@ -111,6 +111,18 @@ def _document_texts(documents: Any) -> list[str]:
     return [_document_text(doc, f"documents[{i}]") for i, doc in enumerate(documents)]
 
 
+def _pair_texts(pairs: Any) -> list[tuple[str, str]]:
+    """Validate ``(query, document)`` pairs and return ``(query, text)``, naming a bad element."""
+    if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of (query, document) tuples, got {type(pairs).__name__}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, document) pair, got {pair!r:.80}")
+        out.append((_check_query(pair[0], f"pairs[{i}][0]"), _document_text(pair[1], f"pairs[{i}][1]")))
+    return out
+
+
 def _check_top_n(top_n: Any) -> int | None:
     if top_n is None:
         return None
@@ -605,15 +617,9 @@ class Reranker:
 
         Pairs that share a query share its prefix cache, whatever their order in the list.
         """
-        if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Sequence):
-            raise TypeError(f"pairs must be a list of (query, document) tuples, got {type(pairs).__name__}")
+        checked = _pair_texts(pairs)
         instr = resolve_instruction(instruction, self._instruction_arg)
-        triples = []
-        for i, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(f"pairs[{i}] must be a (query, document) pair, got {pair!r:.80}")
-            query = _check_query(pair[0], f"pairs[{i}][0]")
-            triples.append((instr, query, _document_text(pair[1], f"pairs[{i}][1]")))
+        triples = [(instr, query, text) for query, text in checked]
         logits = self._score_triples(triples, show_progress)
         return logits if return_logits else [sigmoid(x) for x in logits]
 
@@ -672,13 +678,7 @@ class Reranker:
     ) -> list[dict[str, Any]]:
         """sentence-transformers ``CrossEncoder.rank`` shape: ``[{"corpus_id", "score", "text"?}]``."""
         ranked = self.rerank(query, documents, top_n=top_k, instruction=instruction)
-        out = []
-        for r in ranked:
-            item: dict[str, Any] = {"corpus_id": r.index, "score": r.score}
-            if return_documents:
-                item["text"] = r.text
-            out.append(item)
-        return out
+        return [r.to_rank_dict(include_text=return_documents) for r in ranked]
 
     def prompt_ids(
         self,

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from .client import (
@@ -49,8 +49,8 @@ from .engine import (
     _check_query,
     _check_threshold,
     _check_top_n,
-    _document_text,
     _document_texts,
+    _pair_texts,
 )
 from .results import ConfidenceBands, RerankResult
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX, InstructionTemplate, format_document, format_head
@@ -413,13 +413,8 @@ class RemoteReranker:
         instruction: str | InstructionTemplate | None = None,
     ) -> list[dict[str, Any]]:
         """sentence-transformers ``CrossEncoder.rank`` shape: ``[{"corpus_id", "score", "text"?}]``."""
-        out = []
-        for r in self.rerank(query, documents, top_n=top_k, instruction=instruction):
-            item: dict[str, Any] = {"corpus_id": r.index, "score": r.score}
-            if return_documents:
-                item["text"] = r.text
-            out.append(item)
-        return out
+        ranked = self.rerank(query, documents, top_n=top_k, instruction=instruction)
+        return [r.to_rank_dict(include_text=return_documents) for r in ranked]
 
     # -- async --------------------------------------------------------------------------------
 
@@ -553,16 +548,11 @@ class RemoteReranker:
 
     @staticmethod
     def _groups(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[int], list[str]]]:
-        if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Sequence):
-            raise TypeError(f"pairs must be a list of (query, document) tuples, got {type(pairs).__name__}")
         groups: dict[str, tuple[list[int], list[str]]] = {}
-        for i, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(f"pairs[{i}] must be a (query, document) pair, got {pair!r:.80}")
-            query = _check_query(pair[0], f"pairs[{i}][0]")
+        for i, (query, text) in enumerate(_pair_texts(pairs)):
             positions, texts = groups.setdefault(query, ([], []))
             positions.append(i)
-            texts.append(_document_text(pair[1], f"pairs[{i}][1]"))
+            texts.append(text)
         return [(query, positions, texts) for query, (positions, texts) in groups.items()]
 
     def _scores(self, hits: list[RerankHit], n: int, return_logits: bool) -> list[float]:

@@ -92,6 +92,13 @@ class RerankResult:
             return self.document["id"]
         return self.index
 
+    def to_rank_dict(self, *, include_text: bool = False) -> dict[str, Any]:
+        """sentence-transformers ``CrossEncoder.rank`` item: ``{"corpus_id", "score", "text"?}``."""
+        item: dict[str, Any] = {"corpus_id": self.index, "score": self.score}
+        if include_text:
+            item["text"] = self.text
+        return item
+
     def to_dict(self, *, include_document: bool = True) -> dict[str, Any]:
         """A JSON-ready dict: index, id, score, logit, band and (optionally) the document."""
         out: dict[str, Any] = {
