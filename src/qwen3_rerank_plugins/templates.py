@@ -27,6 +27,7 @@ __all__ = [
     "list_instruction_templates",
     "register_instruction_template",
     "resolve_instruction",
+    "suggest_template_name",
 ]
 
 #: System turn and the opening of the user turn. Never truncated.
@@ -87,6 +88,8 @@ logger = logging.getLogger(__name__)
 _warned_names: set[str] = set()  # warn once per mistyped template name, not on every call
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# One word that may be a (mistyped) template name, in any case.
+_WORD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _lock = threading.Lock()
 
 INSTRUCTION_TEMPLATES: dict[str, InstructionTemplate] = {}
@@ -133,26 +136,49 @@ def list_instruction_templates() -> list[InstructionTemplate]:
         return list(INSTRUCTION_TEMPLATES.values())
 
 
-def resolve_instruction(instruction: str | InstructionTemplate | None, default: str | None = None) -> str:
+def resolve_instruction(
+    instruction: str | InstructionTemplate | None, default: str | None = None, *, strict: bool = False
+) -> str:
     """Turn a template name, a template, free text or ``None`` into the instruction text.
 
     A string that names a registered template is replaced by the template's text; any other
-    non-empty string is used verbatim as a free-form instruction.
+    non-empty string is used verbatim as a free-form instruction. A string that *looks like* a
+    template name (one word of letters, digits, ``_`` or ``-``, with an underscore or close to a
+    registered name) but is not one is almost surely a typo:
+
+    - the same name in another case (``"Customer_Service_FAQ"``) is read as that template, with
+      a warning (registered names are lower case, so at most one template matches);
+    - anything else (``"customer_servic_faq"``) is used as free text, with a warning that
+      suggests the closest name ("did you mean 'customer_service_faq'?").
+
+    Each warning is logged once per distinct string. With ``strict=True`` both cases raise a
+    ``ValueError`` carrying the same suggestion instead: only exact template names and free text
+    (anything that does not look like a name, e.g. a sentence) are accepted.
 
     Args:
         instruction: Template name, :class:`InstructionTemplate`, free text, or ``None``.
-        default: Used when ``instruction`` is ``None`` (itself resolved); falls back to
-            :data:`DEFAULT_INSTRUCTION`.
+        default: Used when ``instruction`` is ``None`` (itself resolved, with the same
+            ``strict``); falls back to :data:`DEFAULT_INSTRUCTION`.
+        strict: Raise instead of warning when a string looks like a template name but is not
+            exactly one.
 
     Returns:
         The instruction text the model will read.
 
     Raises:
         TypeError: If ``instruction`` is not a string, template or ``None``.
-        ValueError: If ``instruction`` is an empty or whitespace-only string.
+        ValueError: If ``instruction`` is an empty or whitespace-only string, or, with
+            ``strict=True``, a near miss of a template name.
+
+    Example:
+        >>> resolve_instruction("similar_ticket")[:30]
+        'Given a new citizen service ti'
+        >>> resolve_instruction("similar_tickets", strict=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: instruction 'similar_tickets' is not a template name; did you mean 'similar_ticket'?...
     """
     if instruction is None:
-        return DEFAULT_INSTRUCTION if default is None else resolve_instruction(default)
+        return DEFAULT_INSTRUCTION if default is None else resolve_instruction(default, strict=strict)
     if isinstance(instruction, InstructionTemplate):
         return instruction.text
     if not isinstance(instruction, str):
@@ -164,15 +190,59 @@ def resolve_instruction(instruction: str | InstructionTemplate | None, default: 
     template = INSTRUCTION_TEMPLATES.get(instruction)
     if template is not None:
         return template.text
-    if _NAME_RE.match(instruction) and "_" in instruction and instruction not in _warned_names:
-        _warned_names.add(instruction)
-        # One snake_case word is almost surely a mistyped template name, not an instruction.
-        close = difflib.get_close_matches(instruction, list(INSTRUCTION_TEMPLATES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        logger.warning(
-            "instruction %r is not a template name, so it is used as free text%s", instruction, hint
+    if not _WORD_RE.match(instruction):
+        return instruction  # a sentence: free text
+    # One word is almost surely a template name, not an instruction: exact names only, or a hint.
+    folded = INSTRUCTION_TEMPLATES.get(instruction.lower())
+    if folded is not None:
+        message = (
+            f"instruction {instruction!r} is not a template name; did you mean {folded.name!r}? "
+            "(template names are lower case)"
         )
+        if strict:
+            raise ValueError(message)
+        _warn_once(
+            instruction,
+            "instruction %r is read as the template %r (template names are lower case)",
+            instruction,
+            folded.name,
+        )
+        return folded.text
+    suggestion = suggest_template_name(instruction)
+    if suggestion is None and "_" not in instruction:
+        return instruction  # one ordinary word, far from every name: free text
+    hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+    if strict:
+        known = ", ".join(sorted(INSTRUCTION_TEMPLATES))
+        raise ValueError(
+            f"instruction {instruction!r} is not a template name{hint or f' (known: {known})'}; "
+            "pass a registered name or a free-text sentence"
+        )
+    _warn_once(
+        instruction, "instruction %r is not a template name, so it is used as free text%s", instruction, hint
+    )
     return instruction
+
+
+def suggest_template_name(name: str) -> str | None:
+    """The registered template name closest to ``name`` (ignoring case), or ``None``.
+
+    Example:
+        >>> suggest_template_name("Customer_Servic_FAQ")
+        'customer_service_faq'
+    """
+    with _lock:
+        names = list(INSTRUCTION_TEMPLATES)
+    wanted = name.lower().replace("-", "_")
+    close = difflib.get_close_matches(wanted, names, n=1)
+    return close[0] if close else None
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    if key in _warned_names:
+        return
+    _warned_names.add(key)
+    logger.warning(message, *args)
 
 
 _BUILTIN: Mapping[str, tuple[str, str]] = {
