@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -299,6 +300,70 @@ def test_web_backend_demo_loads_the_model_once() -> None:
             out, _ = proc.communicate()
     assert out.count("Model loaded once") == 1
     assert out.count("ranked 8 candidates") == 3
+
+
+@pytest.mark.slow
+def test_django_backend_demo_loads_the_model_once() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "django_backend.py"), "--demo", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    documents = [{"id": t["id"], "text": t["text"]} for t in _jsonl("hotline_tickets.jsonl")[:8]]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, "django_backend.py exited early"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "django_backend.py did not start in time"
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/health").json()["demo"] is True
+        body = {"query": "朝阳区建国路电梯又坏了", "documents": documents, "top_n": 3}
+        with ThreadPoolExecutor(3) as pool:  # concurrent requests share the one engine
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/rank", json=body, timeout=60), range(3)))
+        for response in answers:
+            assert response.status_code == 200, response.text
+            payload = response.json()
+            assert payload["demo_model"] is True
+            results = payload["results"]
+            assert len(results) == 3 and {r["id"] for r in results} <= {d["id"] for d in documents}
+            assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+            assert all(r["band"] in ("high", "medium", "low") for r in results)
+            assert [documents[r["index"]]["id"] for r in results] == [r["id"] for r in results]
+        assert answers[0].json() == answers[1].json() == answers[2].json()
+        # The named template gives the same ranking as its text; a mistyped name is refused.
+        named = httpx.post(f"{url}/rank", json={**body, "instruction": "similar_ticket"}, timeout=60).json()
+        assert named == answers[0].json()
+        bad_requests = [
+            ({**body, "instruction": "Similar_Ticket"}, 422, "did you mean 'similar_ticket'?"),
+            ({**body, "documents": [{"id": "H-1"}]}, 422, "documents[0].text: must be a string"),
+            ({**body, "top_n": 0}, 422, "top_n: must be a positive integer"),
+            ({"documents": documents}, 422, "query: must be a non-empty string"),
+        ]
+        for request, status, message in bad_requests:
+            response = httpx.post(f"{url}/rank", json=request, timeout=30)
+            assert response.status_code == status and message in response.json()["error"]["message"]
+        broken = httpx.post(f"{url}/rank", content=b"{not json", timeout=30)
+        assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+        assert httpx.get(f"{url}/rank", timeout=30).status_code == 405
+        too_big = httpx.post(f"{url}/rank", content=b" " * (3 * 1024 * 1024), timeout=30)
+        assert too_big.status_code == 413 and "larger than 2 MiB" in too_big.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 200  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert out.count("Model loaded once") == 1
+    assert out.count("ranked 8 documents") == 4
 
 
 # -- HTTP service and client ------------------------------------------------------------------------------
