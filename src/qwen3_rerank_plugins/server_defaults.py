@@ -8,12 +8,14 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_BATCH_WAIT_MS",
+    "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_GRACEFUL_TIMEOUT_S",
     "DEFAULT_HOST",
     "DEFAULT_MAX_BATCH_PAIRS",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_DOCUMENTS",
     "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_REQUEST_TOKENS",
     "DEFAULT_PORT",
     "DEFAULT_RAY_MAX_BATCH_SIZE",
     "DEFAULT_UI_PORT",
@@ -39,3 +41,7 @@ DEFAULT_MAX_QUEUE = 1024
 DEFAULT_RAY_MAX_BATCH_SIZE = 16
 #: Seconds a stopping server gives requests in flight.
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
+#: Seconds a request's body may take to arrive, from its headers on (408 beyond).
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Most prompt tokens one request may make the model read, summed over its documents (413 beyond).
+DEFAULT_MAX_REQUEST_TOKENS = 1_000_000

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..results import ConfidenceBands
+from ..server_defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_TOKENS
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -72,6 +73,8 @@ def create_app(
     max_queue: int = 1024,
     model_name: str | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT_S,
+    max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS,
 ) -> FastAPI:
     """Build the rerank service around a loaded reranker or a function that loads one.
 
@@ -91,6 +94,12 @@ def create_app(
         model_name: Name reported in responses and ``/v1/models`` (default: the model's name).
         on_load_error: Called with the exception if loading the model fails (the command line
             uses it to stop the server with an error).
+        body_timeout: Seconds a request's body may take to arrive once its headers have; a
+            slower or stalled upload is answered 408 and its connection closed (``None``: wait
+            for ever).
+        max_request_tokens: Most prompt tokens one request may make the model read (template
+            included, after truncation, summed over its documents); more is answered with 413
+            before anything is queued (``None``: no limit beyond ``max_documents``).
 
     Returns:
         The FastAPI application; its :class:`ServiceState` is ``app.state.service``.
@@ -106,6 +115,15 @@ def create_app(
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key must not be empty; pass None to disable authentication")
+    if body_timeout is not None and (
+        isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0
+    ):
+        raise ValueError(f"body_timeout must be a positive number of seconds or None, got {body_timeout!r}")
+    tokens_cap = max_request_tokens
+    if tokens_cap is not None and (
+        isinstance(tokens_cap, bool) or not isinstance(tokens_cap, int) or tokens_cap < 1
+    ):
+        raise ValueError(f"max_request_tokens must be a positive int or None, got {max_request_tokens!r}")
     bands = bands or ConfidenceBands()
     if not isinstance(bands, ConfidenceBands):
         raise TypeError(f"bands must be a ConfidenceBands, got {type(bands).__name__}")
@@ -173,7 +191,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = state
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    if body_timeout is not None:
+        app.add_middleware(_BodyTimeoutMiddleware, timeout=float(body_timeout))
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts the 408s too
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -216,7 +236,11 @@ def create_app(
                 headers={"Retry-After": _RETRY_AFTER_LOADING},
             )
         try:
+            if max_request_tokens is not None:
+                await _check_token_budget(state.reranker, query, texts, instruction, max_request_tokens)
             scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens)
+        except RequestError:
+            raise
         except QueueFullError as exc:
             raise RequestError(
                 f"the service is overloaded ({exc}); retry shortly",
@@ -425,3 +449,107 @@ class _MetricsMiddleware:
             endpoint = path if path in _KNOWN_PATHS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+async def _check_token_budget(
+    reranker: Any, query: str, texts: list[str], instruction: str | None, budget: int
+) -> None:
+    """Refuse, before it is queued, a request that would make the model read over ``budget`` tokens.
+
+    Every prompt is cut to the engine's ``max_length``, so most requests pass on
+    ``len(texts) * max_length`` alone, without tokenising anything here.
+
+    Raises:
+        RequestError: 413 ``too_many_tokens`` naming ``documents``.
+    """
+    max_length = getattr(reranker, "max_length", None)
+    if not isinstance(max_length, int):
+        max_length = None
+    if max_length is not None and len(texts) * max_length <= budget:
+        return
+    tokens = await asyncio.to_thread(_prompt_tokens, reranker, query, texts, instruction, max_length, budget)
+    if tokens > budget:
+        cut = f", each document cut to max_length={max_length}" if max_length is not None else ""
+        raise RequestError(
+            f"this request would make the model read {tokens} prompt tokens (template included{cut}); "
+            f"this service reads at most {budget} per request: send fewer or shorter documents",
+            status_code=413,
+            param="documents",
+            type="too_many_tokens",
+        )
+
+
+def _prompt_tokens(
+    reranker: Any, query: str, texts: list[str], instruction: str | None, max_length: int | None, budget: int
+) -> int:
+    """Runs in a worker thread: a bound of the request's prompt tokens when it is within
+    ``budget``, else the engine's exact count."""
+    if max_length is not None:
+        # A token covers at least one byte of text, and each prompt is cut to max_length.
+        overhead = reranker.count_tokens(query, [""], instruction)  # template, instruction and query
+        bound = sum(min(max_length, overhead + len(t.encode("utf-8", "surrogatepass"))) for t in texts)
+        if bound <= budget:
+            return bound
+    return int(reranker.count_tokens(query, texts, instruction))
+
+
+class _BodyTimeoutMiddleware:
+    """Cut a request whose body has not fully arrived ``timeout`` seconds after its headers.
+
+    uvicorn has no such limit: a client that sends its headers and then trickles or stops its body
+    would hold its connection and its request's task for ever. Each ``receive`` of the body waits
+    at most until the request's deadline; past it the request is answered 408 ``body_timeout``
+    (JSON) and its connection closed. Other requests are not held up: each has its own deadline.
+
+    A response that starts before the body has fully arrived (401, 413) first reads and drops the
+    rest of the body until the deadline, as nginx's lingering close does, so a client that is
+    still sending gets its answer; one that has not finished by then gets it with
+    ``Connection: close``.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        headers = dict(scope.get("headers", []))
+        body_done = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0") == b"0"
+
+        async def next_message() -> dict[str, Any]:
+            """The next ``receive`` message; ``asyncio.TimeoutError`` past the deadline."""
+            nonlocal body_done
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def receive_in_time() -> dict[str, Any]:
+            if body_done:  # only the disconnect is left to wait for: no deadline
+                return await receive()
+            try:
+                return await next_message()
+            except asyncio.TimeoutError:
+                logger.info("request body not received within %g s; answering 408", self.timeout)
+                raise RequestError(
+                    f"the request body did not arrive within {self.timeout:g} s",
+                    status_code=408,
+                    type="body_timeout",
+                    headers={"Connection": "close"},
+                ) from None
+
+        async def send_after_body(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while not body_done:
+                        await next_message()
+                if not body_done:
+                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                    message = {**message, "headers": [*kept, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_in_time, send_after_body)

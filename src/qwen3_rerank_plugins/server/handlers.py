@@ -9,9 +9,12 @@ it with ``@serve.batch``. Each front end passes its way of scoring as a :data:`S
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
 from ..results import ConfidenceBands, RerankResult, ranked_order, sigmoid
@@ -38,6 +41,10 @@ __all__ = [
 ScoreFn = Callable[[str, list[str], str | None, bool], Awaitable[tuple[list[float], int | None]]]
 
 TEI_PATH = "/rerank"
+#: nginx's status for a request whose client closed the connection (never sent: nobody reads it).
+CLIENT_CLOSED = 499
+
+logger = logging.getLogger(__name__)
 
 
 def check_bearer(authorization: str | None, api_key: str | None) -> None:
@@ -85,17 +92,27 @@ async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
         The decoded JSON object.
 
     Raises:
-        RequestError: 413 for a body over the limit; 400/422 as :func:`.schemas.parse_json_body`.
+        RequestError: 413 for a body over the limit; 499 ``client_closed_request`` when the
+            client hangs up before its body has arrived (its doing, not the service's: logged
+            at INFO, without a traceback); 400/422 as :func:`.schemas.parse_json_body`.
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_body_bytes:
         raise too_large(int(declared), max_body_bytes)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise too_large(size, max_body_bytes)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large(size, max_body_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        logger.info("client disconnected after %d bytes of its request body; nothing was scored", size)
+        raise RequestError(
+            "the client disconnected before its request body arrived",
+            status_code=CLIENT_CLOSED,
+            type="client_closed_request",
+        ) from None
     return parse_json_body(b"".join(chunks))
 
 
