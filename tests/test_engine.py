@@ -15,7 +15,9 @@ from qwen3_rerank_plugins import (
     DEFAULT_INSTRUCTION,
     INSTRUCTION_TEMPLATES,
     ConfidenceBands,
+    InputTooLongError,
     Reranker,
+    ScoreGroup,
     get_reranker,
 )
 from reference import body_token_ids, model_card_scores
@@ -117,15 +119,32 @@ def test_truncation_keeps_template_and_cuts_document(reranker, hf_model):
     assert tokenizer.decode(ids[39:-9]).startswith("<Instruct>: " + DEFAULT_INSTRUCTION)
 
 
-def test_query_longer_than_budget_still_keeps_template(reranker, hf_model, caplog):
-    _, tokenizer = hf_model
+def test_query_that_leaves_no_room_for_documents_is_refused(reranker):
+    # The model card would cut into the query and read no document token at all (every score
+    # equal); the engine refuses, naming the query and what to do.
     rr = reranker.with_settings(max_length=60)
     query = "很长的问题" * 50
-    with caplog.at_level("WARNING"):
-        ids = rr.prompt_ids(query, ["a", "b"])
-    assert ids == body_token_ids(tokenizer, _pairs(query, ["a", "b"]), None, 60)
-    assert all(len(x) == 60 and x[-9:] == rr._core.suffix_ids for x in ids)
-    assert "documents are not read" in caplog.text
+    for call in (rr.prompt_ids, rr.score, rr.rerank, rr.count_tokens):
+        with pytest.raises(InputTooLongError, match=r"max_length=60 .* set max_query_tokens") as info:
+            call(query, ["a", "b"])
+        assert info.value.param == "query"
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(InputTooLongError):
+        rr.score_pairs([("ok", "a"), (query, "b")])
+
+
+def test_max_query_tokens_cuts_the_query_and_keeps_room_for_documents(reranker, hf_model):
+    _, tokenizer = hf_model
+    query = "很长的问题" * 50
+    rr = reranker.with_settings(max_length=100, max_query_tokens=8)
+    plain = reranker._core.plain.encode(query)
+    cut = query[: plain.offsets[7][1]]  # the query's first 8 tokens, as text
+    ids = rr.prompt_ids(query, ["a", "b"])
+    assert ids == body_token_ids(tokenizer, _pairs(cut, ["a", "b"]), None, 100)
+    assert rr.score(query, ["a", "b"]) == pytest.approx(reranker.score(cut, ["a", "b"]), abs=1e-6)
+    # Per group, as the service passes it.
+    [scored] = reranker.score_groups([ScoreGroup(query, ["a", "b"], max_query_tokens=8)])
+    assert scored.logits == pytest.approx(reranker.score(cut, ["a", "b"], return_logits=True), abs=1e-6)
 
 
 # ------------------------------------------------------------------ batching invariance

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .engine import Reranker, get_reranker, loaded_with
-from .fallback import FallbackRerank, arerank_with_fallback, rerank_with_fallback
-from .remote import RemoteReranker
-from .results import RerankResult
+from .protocol import Scorer
+from .registry import get_reranker, loaded_with
+from .results import FallbackRerank, RerankResult
 from .templates import InstructionTemplate, resolve_instruction
 
 __all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "EngineSettings", "FallbackSetting"]
@@ -50,8 +49,11 @@ class EngineSettings(BaseModel):
     ``model``, ``device``, ``dtype`` and ``source`` are then ignored."""
     api_key: str | None = Field(default=None, exclude=True, repr=False)
     """Bearer key of the ``base_url`` service (default: ``$QWEN3_RERANK_API_KEY``); never serialised."""
-    reranker: Reranker | RemoteReranker | None = Field(default=None, exclude=True)
-    """An existing engine to use instead of loading one from ``model``. Cannot be combined with
+    reranker: Scorer | None = Field(default=None, exclude=True)
+    """An existing engine (a :class:`~qwen3_rerank_plugins.Reranker`, a
+    :class:`~qwen3_rerank_plugins.remote.RemoteReranker`, or anything else that satisfies the
+    :class:`~qwen3_rerank_plugins.protocol.Scorer` protocol) to use instead of loading one from
+    ``model``. Cannot be combined with
     ``model``, ``device``, ``dtype`` or ``source``; never serialised."""
     instruction: str | InstructionTemplate | None = None
     """Instruction template name (e.g. ``"similar_ticket"``), free English text, or ``None`` for
@@ -68,7 +70,7 @@ class EngineSettings(BaseModel):
     batch_tokens: int | None = Field(default=None, gt=0)
     """Token budget of one forward pass; ``None`` keeps the engine's device default."""
 
-    _engine: Reranker | RemoteReranker = PrivateAttr()
+    _engine: Scorer = PrivateAttr()
 
     @field_validator("model", mode="before")
     @classmethod
@@ -131,7 +133,7 @@ class EngineSettings(BaseModel):
         return self
 
     @property
-    def engine(self) -> Reranker | RemoteReranker:
+    def engine(self) -> Scorer:
         """The engine that does the scoring: a local :class:`~qwen3_rerank_plugins.Reranker`, or a
         :class:`~qwen3_rerank_plugins.remote.RemoteReranker` with ``base_url``."""
         return self._engine
@@ -163,8 +165,9 @@ class EngineSettings(BaseModel):
         """
         if self.reranker is None:
             return {}
-        if isinstance(self._engine, RemoteReranker):
-            fields = {"model": None, "base_url": self._engine.base_url}
+        base_url = getattr(self._engine, "base_url", None)
+        if base_url is not None:  # a remote backend: its URL stands for it
+            fields = {"model": None, "base_url": base_url}
             if self.instruction is None:
                 fields["instruction"] = self._engine.settings()["instruction"]
             return fields
@@ -208,7 +211,7 @@ class FallbackSetting(EngineSettings):
     ) -> tuple[list[RerankResult], FallbackRerank | None]:
         if not self.fallback:
             return self._engine.rerank(query, texts, **kwargs), None
-        outcome = rerank_with_fallback(self._engine, query, texts, generalize=self._generalizer(), **kwargs)
+        outcome = self._engine.rerank_with_fallback(query, texts, generalize=self._generalizer(), **kwargs)
         return list(outcome.results), outcome
 
     async def _arerank(
@@ -216,7 +219,7 @@ class FallbackSetting(EngineSettings):
     ) -> tuple[list[RerankResult], FallbackRerank | None]:
         if not self.fallback:
             return await self._engine.arerank(query, texts, **kwargs), None
-        outcome = await arerank_with_fallback(
-            self._engine, query, texts, generalize=self._generalizer(), **kwargs
+        outcome = await self._engine.arerank_with_fallback(
+            query, texts, generalize=self._generalizer(), **kwargs
         )
         return list(outcome.results), outcome

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
-from .engine import _check_top_n
+from .validation import check_top_n
 
 httpx = require("httpx", "server", "The rerank service client")
 
@@ -458,7 +458,7 @@ class _ClientSettings:
         instruction: str | None,
         return_documents: bool,
     ) -> tuple[list[tuple[int, int, dict[str, Any]]], int | None]:
-        docs, top_n = _check_documents(documents), _check_top_n(top_n)
+        docs, top_n = _check_documents(documents), check_top_n(top_n)
         requests = []
         for start, end in _chunks(len(docs), self.batch_size):
             payload = _rerank_payload(
@@ -470,7 +470,7 @@ class _ClientSettings:
     def _rank_requests(
         self, query: str, documents: Any, top_n: int | None, instruction: str | None
     ) -> tuple[list[tuple[int, int, dict[str, Any]]], int | None]:
-        records, top_n = _rank_records(_check_documents(documents)), _check_top_n(top_n)
+        records, top_n = _rank_records(_check_documents(documents)), check_top_n(top_n)
         return [
             (start, end - start, _rank_payload(query, records[start:end], top_n, instruction))
             for start, end in _chunks(len(records), self.batch_size)

@@ -45,8 +45,7 @@ except ImportError:
 from pydantic import Field
 
 from ._adapters import EngineSettings, FallbackSetting
-from .fallback import FallbackRerank
-from .results import RerankResult
+from .results import FallbackRerank, RerankResult
 
 __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
 

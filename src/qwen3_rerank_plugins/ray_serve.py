@@ -93,7 +93,7 @@ class RerankDeployment:
         batch_wait_ms: float = 2.0,
         model_name: str | None = None,
     ) -> None:
-        from .engine import get_reranker
+        from .registry import get_reranker
 
         settings = {"instruction": instruction} if instruction is not None else {}
         self.reranker = get_reranker(

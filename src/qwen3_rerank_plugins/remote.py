@@ -27,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from .client import (
@@ -43,18 +42,19 @@ from .client import (
     RerankServiceError,
     RetryPolicy,
 )
-from .engine import (
-    Document,
-    Reranker,
-    _check_query,
-    _check_threshold,
-    _check_top_n,
-    _document_texts,
-    _pair_texts,
+from .protocol import GroupScores, ScoreGroup
+from .results import ConfidenceBands, log_odds
+from .scoring import BaseReranker
+from .settings import RerankerSettings
+from .templates import (
+    DEFAULT_INSTRUCTION,
+    PROMPT_PREFIX,
+    PROMPT_SUFFIX,
+    InstructionTemplate,
+    format_document,
+    format_head,
+    resolve_instruction,
 )
-from .results import ConfidenceBands, RerankResult
-from .templates import PROMPT_PREFIX, PROMPT_SUFFIX, InstructionTemplate, format_document, format_head
-from .templates import resolve_instruction as _resolve
 
 __all__ = ["PromptFormat", "RemoteReranker"]
 
@@ -65,8 +65,9 @@ logger = logging.getLogger(__name__)
 #: formatted texts (vLLM serving the original checkpoints, which reads no instruction field).
 PromptFormat = Literal["server", "vllm"]
 _PROMPT_FORMATS = ("server", "vllm")
-# Settings of the local engine that belong to the server's model, not to a client.
-_SERVER_SETTINGS = ("max_length", "batch_tokens", "max_batch_size", "prefix_cache")
+# The settings a client chooses; every other one belongs to the server's model.
+_CLIENT_SETTINGS = ("instruction", "bands")
+_SERVER_SETTINGS = tuple(n for n in RerankerSettings.names() if n not in (*_CLIENT_SETTINGS, "show_progress"))
 
 
 class _LoopPool:
@@ -177,15 +178,7 @@ class _Connection:
         self.sync.close()
 
 
-def _log_odds(p: float) -> float:
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return math.log(p) - math.log1p(-p)
-
-
-class RemoteReranker:
+class RemoteReranker(BaseReranker):
     """Qwen3-Reranker served over HTTP, with the scoring surface of the local engine.
 
     Args:
@@ -209,6 +202,8 @@ class RemoteReranker:
         ValueError: A malformed ``base_url``, ``prompt_format`` or setting.
     """
 
+    _setting_names = _CLIENT_SETTINGS
+
     def __init__(
         self,
         base_url: str,
@@ -226,6 +221,7 @@ class RemoteReranker:
     ) -> None:
         if prompt_format not in _PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {_PROMPT_FORMATS}, got {prompt_format!r}")
+        self._settings = RerankerSettings(instruction=instruction, bands=bands)
         options = {
             "api_key": api_key,
             "timeout": timeout,
@@ -235,31 +231,11 @@ class RemoteReranker:
             "batch_size": batch_size,
             "max_concurrency": max_concurrency,
         }
-        self._init(_Connection(base_url, options), model, prompt_format, instruction, bands)
-
-    def _init(
-        self,
-        connection: _Connection,
-        model: str | None,
-        prompt_format: PromptFormat,
-        instruction: str | InstructionTemplate | None,
-        bands: ConfidenceBands | None,
-    ) -> None:
-        if instruction is not None:
-            _resolve(instruction)  # a bad instruction fails here, not at the first request
-        if bands is not None and not isinstance(bands, ConfidenceBands):
-            raise TypeError(f"bands must be a ConfidenceBands, got {type(bands).__name__}")
-        self._conn = connection
+        self._conn = _Connection(base_url, options)
         self._model = model
         self.prompt_format: PromptFormat = prompt_format
-        self._instruction_arg = instruction
-        self.bands = bands or ConfidenceBands()
 
     # -- settings and introspection -----------------------------------------------------------
-
-    def settings(self) -> dict[str, Any]:
-        """The client-side scoring settings (``instruction``, ``bands``)."""
-        return {"instruction": self._instruction_arg, "bands": self.bands}
 
     def with_settings(self, **settings: Any) -> RemoteReranker:
         """A view with another ``instruction`` or ``bands`` that shares this one's connection pool.
@@ -276,13 +252,7 @@ class RemoteReranker:
                 "set it where the server is started (e.g. qwen3-rerank serve --max-length)"
             )
         settings.pop("show_progress", None)  # nothing to show: the work happens on the server
-        unknown = sorted(set(settings) - {"instruction", "bands"})
-        if unknown:
-            raise TypeError(f"unknown RemoteReranker settings: {', '.join(unknown)}")
-        merged = {**self.settings(), **settings}
-        view = object.__new__(type(self))
-        view._init(self._conn, self._model, self.prompt_format, merged["instruction"], merged["bands"])
-        return view
+        return super().with_settings(**settings)  # type: ignore[return-value]
 
     @property
     def base_url(self) -> str:
@@ -292,9 +262,9 @@ class RemoteReranker:
     @property
     def instruction(self) -> str | None:
         """The default instruction text, or ``None`` when the server's default applies."""
-        if self._instruction_arg is None and self.prompt_format == "server":
+        if self._settings.instruction is None and self.prompt_format == "server":
             return None
-        return _resolve(self._instruction_arg)
+        return resolve_instruction(self._settings.instruction)
 
     @property
     def model_name(self) -> str:
@@ -319,167 +289,31 @@ class RemoteReranker:
         model = f", model={self._model!r}" if self._model else ""
         return f"RemoteReranker({self.base_url!r}{model}, prompt_format={self.prompt_format!r})"
 
-    # -- scoring ------------------------------------------------------------------------------
+    # -- the backend primitive ------------------------------------------------------------------
 
-    def score(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        return_logits: bool = False,
-        show_progress: bool | None = None,
-    ) -> list[float]:
-        """Relevance of each document to the query, in input order.
-
-        Args:
-            query: The user's question or the new ticket.
-            documents: Texts, or mappings with a ``"text"`` key.
-            instruction: Template name or free text; defaults to this reranker's instruction.
-            return_logits: Return the log-odds ``z_yes - z_no`` instead of probabilities.
-            show_progress: Accepted for compatibility with the engine; the work is on the server.
-
-        Returns:
-            One float per document.
+    def _score_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
+        """One request per group (split further when long); scores are the server's.
 
         Raises:
-            TypeError, ValueError: Malformed input (before anything is sent).
-            RerankServiceError: The service refused the request, failed, or could not be reached.
+            RerankServiceError: The service refused a request, failed, or could not be reached.
         """
-        request = self._request(query, documents, instruction)
-        if request is None:
-            return []
-        return self._scores(self._post(self._conn.sync, request), len(documents), return_logits)
-
-    def score_pairs(
-        self,
-        pairs: Sequence[tuple[str, str]],
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        return_logits: bool = False,
-        show_progress: bool | None = None,
-    ) -> list[float]:
-        """Scores of ``(query, document)`` pairs that may mix queries, in input order.
-
-        Pairs are sent as one request per query (split further when long).
-        """
-        out = [0.0] * len(pairs)
-        for query, positions, texts in self._groups(pairs):
-            values = self.score(query, texts, instruction, return_logits=return_logits)
-            for i, value in zip(positions, values, strict=True):
-                out[i] = value
+        out = []
+        for group in groups:
+            hits = self._conn.sync.rerank(**self._request(group))
+            self._conn.learn(self._conn.sync)
+            out.append(self._scores(hits, len(group.texts)))
         return out
 
-    def rerank(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        top_n: int | None = None,
-        threshold: float | None = None,
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        show_progress: bool | None = None,
-    ) -> list[RerankResult]:
-        """Documents sorted best first, with index, score, log-odds and band.
+    async def _ascore_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
+        """The groups' requests in flight together over the loop's pooled async client."""
+        client = self._conn.async_client()
 
-        Args:
-            query: The user's question or the new ticket.
-            documents: Texts, or mappings with a ``"text"`` key (e.g. ``{"id": 7, "text": ...}``);
-                each result carries the original object back.
-            top_n: Keep at most this many results (all when ``None``).
-            threshold: Drop results whose score is below this probability.
-            instruction: Template name or free text; defaults to this reranker's instruction.
-            show_progress: Accepted for compatibility with the engine.
+        async def one(group: ScoreGroup) -> GroupScores:
+            hits = await client.rerank(**self._request(group))
+            self._conn.learn(client)
+            return self._scores(hits, len(group.texts))
 
-        Returns:
-            :class:`~qwen3_rerank_plugins.RerankResult` objects, highest score first.
-
-        Raises:
-            TypeError, ValueError: Malformed input (before anything is sent).
-            RerankServiceError: The service refused the request, failed, or could not be reached.
-        """
-        top_n, threshold = _check_top_n(top_n), _check_threshold(threshold)
-        request = self._request(query, documents, instruction, top_n=top_n)
-        if request is None:
-            return []
-        return self._results(self._post(self._conn.sync, request), documents, threshold)
-
-    def rank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        top_k: int | None = None,
-        return_documents: bool = False,
-        instruction: str | InstructionTemplate | None = None,
-    ) -> list[dict[str, Any]]:
-        """sentence-transformers ``CrossEncoder.rank`` shape: ``[{"corpus_id", "score", "text"?}]``."""
-        ranked = self.rerank(query, documents, top_n=top_k, instruction=instruction)
-        return [r.to_rank_dict(include_text=return_documents) for r in ranked]
-
-    # -- async --------------------------------------------------------------------------------
-
-    async def ascore(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        return_logits: bool = False,
-        show_progress: bool | None = None,
-    ) -> list[float]:
-        """:meth:`score` over the pooled async client; the event loop keeps running."""
-        request = self._request(query, documents, instruction)
-        if request is None:
-            return []
-        hits = await self._apost(request)
-        return self._scores(hits, len(documents), return_logits)
-
-    async def ascore_pairs(
-        self,
-        pairs: Sequence[tuple[str, str]],
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        return_logits: bool = False,
-        show_progress: bool | None = None,
-    ) -> list[float]:
-        """:meth:`score_pairs` with the queries' requests in flight together."""
-        groups = self._groups(pairs)
-        scored = await asyncio.gather(
-            *(
-                self.ascore(query, texts, instruction, return_logits=return_logits)
-                for query, _, texts in groups
-            )
-        )
-        out = [0.0] * len(pairs)
-        for (_, positions, _), values in zip(groups, scored, strict=True):
-            for i, value in zip(positions, values, strict=True):
-                out[i] = value
-        return out
-
-    async def arerank(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        top_n: int | None = None,
-        threshold: float | None = None,
-        instruction: str | InstructionTemplate | None = None,
-        *,
-        show_progress: bool | None = None,
-    ) -> list[RerankResult]:
-        """:meth:`rerank` over the pooled async client; the event loop keeps running."""
-        top_n, threshold = _check_top_n(top_n), _check_threshold(threshold)
-        request = self._request(query, documents, instruction, top_n=top_n)
-        if request is None:
-            return []
-        hits = await self._apost(request)
-        return self._results(hits, documents, threshold)
-
-    # -- low-confidence fallback ----------------------------------------------------------------
-
-    # The engine's own methods: they hand ``self`` to qwen3_rerank_plugins.fallback, which needs
-    # only the scoring surface (``rerank`` / ``arerank``, ``bands``, ``with_settings``).
-    rerank_with_fallback = Reranker.rerank_with_fallback
-    arerank_with_fallback = Reranker.arerank_with_fallback
+        return list(await asyncio.gather(*(one(group) for group in groups)))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -505,57 +339,17 @@ class RemoteReranker:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _request(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        instruction: str | InstructionTemplate | None,
-        top_n: int | None = None,
-    ) -> dict[str, Any] | None:
-        """The client call for one query, validated as the local engine validates; None if no documents."""
-        query = _check_query(query)
-        texts = _document_texts(documents)
-        if not texts:
-            return None
-        chosen = instruction if instruction is not None else self._instruction_arg
+    def _request(self, group: ScoreGroup) -> dict[str, Any]:
+        """The client call for one group."""
         if self.prompt_format == "vllm":
             # The model card's prompt, split where the document begins (a token boundary), so the
             # server's pair tokenisation gives the very ids of the whole prompt.
-            head = PROMPT_PREFIX + format_head(_resolve(chosen), query)
-            return {
-                "query": head,
-                "documents": [format_document(t) + PROMPT_SUFFIX for t in texts],
-                "top_n": top_n,
-            }
-        return {
-            "query": query,
-            "documents": texts,
-            "top_n": top_n,
-            # Names are resolved here, so templates registered in this process work remotely.
-            "instruction": None if chosen is None else _resolve(chosen),
-        }
+            head = PROMPT_PREFIX + format_head(group.instruction or DEFAULT_INSTRUCTION, group.query)
+            return {"query": head, "documents": [format_document(t) + PROMPT_SUFFIX for t in group.texts]}
+        # Names were resolved here, so templates registered in this process work remotely.
+        return {"query": group.query, "documents": list(group.texts), "instruction": group.instruction}
 
-    def _post(self, client: RerankClient, request: dict[str, Any]) -> list[RerankHit]:
-        hits = client.rerank(**request)
-        self._conn.learn(client)
-        return hits
-
-    async def _apost(self, request: dict[str, Any]) -> list[RerankHit]:
-        client = self._conn.async_client()
-        hits = await client.rerank(**request)
-        self._conn.learn(client)
-        return hits
-
-    @staticmethod
-    def _groups(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[int], list[str]]]:
-        groups: dict[str, tuple[list[int], list[str]]] = {}
-        for i, (query, text) in enumerate(_pair_texts(pairs)):
-            positions, texts = groups.setdefault(query, ([], []))
-            positions.append(i)
-            texts.append(text)
-        return [(query, positions, texts) for query, (positions, texts) in groups.items()]
-
-    def _scores(self, hits: list[RerankHit], n: int, return_logits: bool) -> list[float]:
+    def _scores(self, hits: list[RerankHit], n: int) -> GroupScores:
         scores: list[float | None] = [None] * n
         for hit in hits:
             scores[hit.index] = hit.relevance_score
@@ -566,23 +360,4 @@ class RemoteReranker:
                 f"(none for documents {missing[:10]})",
                 type="invalid_response",
             )
-        values = [float(s) for s in scores if s is not None]
-        return [_log_odds(p) for p in values] if return_logits else values
-
-    def _results(
-        self, hits: list[RerankHit], documents: Sequence[Document], threshold: float | None
-    ) -> list[RerankResult]:
-        results = []
-        for hit in hits:
-            if threshold is not None and hit.relevance_score < threshold:
-                break
-            results.append(
-                RerankResult(
-                    index=hit.index,
-                    score=hit.relevance_score,
-                    logit=_log_odds(hit.relevance_score),
-                    document=documents[hit.index],
-                    band=self.bands.classify(hit.relevance_score),
-                )
-            )
-        return results
+        return GroupScores([log_odds(float(s)) for s in scores if s is not None])

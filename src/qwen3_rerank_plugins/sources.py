@@ -101,6 +101,10 @@ def _download(
     )
 
 
+#: Model names that stand for the random-weight demo checkpoint (:mod:`qwen3_rerank_plugins.demo`),
+#: built locally: for trying the pipeline offline; its scores are meaningless.
+DEMO_MODELS = {"demo": "tiny", "demo-tiny": "tiny", "demo-0.6b": "0.6b"}
+
 _ENDPOINTS = {"huggingface": _huggingface_endpoint, "modelscope": _modelscope_endpoint}
 
 
@@ -121,7 +125,8 @@ def resolve_model_dir(
     with the environment variable ``QWEN3_RERANK_SOURCE`` (e.g. ``modelscope`` in mainland China).
 
     Args:
-        model: Hub id such as ``"Qwen/Qwen3-Reranker-0.6B"`` or a local directory.
+        model: Hub id such as ``"Qwen/Qwen3-Reranker-0.6B"``, a local directory, or ``"demo"``
+            for the tiny random-weight demo model (built locally, meaningless scores, a warning).
         source: ``"auto"``, ``"local"``, ``"huggingface"`` or ``"modelscope"``.
         revision: Branch, tag or commit on the hub.
         cache_dir: Download cache location (the hub library's default when ``None``).
@@ -143,6 +148,18 @@ def resolve_model_dir(
     name = os.fspath(model)
     cache = os.fspath(cache_dir) if cache_dir is not None else None
     local = Path(name).expanduser()
+
+    if name in DEMO_MODELS and source == "auto" and not local.is_dir():
+        from .demo import demo_model_dir
+
+        path = demo_model_dir(DEMO_MODELS[name])
+        logger.warning(
+            "model %r is the demo model: tiny and built locally with RANDOM weights, so its scores are "
+            "MEANINGLESS (it only shows the pipeline working offline); pass a hub id or a local "
+            "directory of Qwen3-Reranker for real scores",
+            name,
+        )
+        return path, "demo"
 
     if source == "local" or (source == "auto" and local.is_dir()):
         if not local.is_dir():

@@ -2,14 +2,15 @@
 
 Each request's (query, document) pairs wait in a bounded queue. A single worker takes whole
 requests from the queue, up to ``max_batch_pairs`` pairs, and scores them with one
-:meth:`Reranker.score_pairs` call per instruction in a worker thread, so the event loop never
-blocks. While one batch runs, the next requests pile up and are taken together as soon as it
-finishes: the busier the service, the larger the batches and the higher the throughput. When the
-worker is idle, it waits ``max_wait_ms`` after the first request so that requests arriving
-together are merged too.
+:meth:`~qwen3_rerank_plugins.scoring.BaseReranker.score_groups` call in a worker thread, so the
+event loop never blocks (the engine batches the documents of every merged request together,
+across queries and instructions). While one batch runs, the next requests pile up and are
+taken together as soon as it finishes: the busier the service, the larger the batches and the
+higher the throughput. When the worker is idle, it waits ``max_wait_ms`` after the first request
+so that requests arriving together are merged too.
 
-Merging is exact: the engine groups pairs by (instruction, query) and reuses each query's prefix
-cache, so a request's scores do not depend on what it was batched with.
+Merging is exact: each row continues its own query's prefix cache, so a request's scores do not
+depend on what it was batched with.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from ..protocol import ScoreGroup, Scorer
 
 __all__ = [
     "BatcherClosedError",
@@ -46,10 +49,12 @@ class BatcherClosedError(RuntimeError):
 
 @dataclass(frozen=True)
 class ScoredRequest:
-    """What one request gets back: log-odds in input order, and its prompt tokens when asked for."""
+    """What one request gets back: log-odds in input order, its prompt tokens when asked for,
+    and the matching spans of documents read in windows."""
 
     logits: list[float]
     total_tokens: int | None = None
+    spans: list[tuple[int, int] | None] | None = None
 
 
 @dataclass
@@ -59,6 +64,9 @@ class _Pending:
     instruction: str | None
     count_tokens: bool
     future: asyncio.Future[ScoredRequest]
+    max_query_tokens: int | None = None
+    max_doc_tokens: int | None = None
+    long_documents: bool | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -70,8 +78,8 @@ class MicroBatcher:
     """Merge concurrent scoring requests into batched engine calls.
 
     Args:
-        reranker: A loaded :class:`~qwen3_rerank_plugins.Reranker` (anything with its
-            ``score_pairs`` and ``count_tokens``).
+        reranker: What scores: a loaded :class:`~qwen3_rerank_plugins.Reranker` (any
+            :class:`~qwen3_rerank_plugins.protocol.Scorer`).
         max_wait_ms: How long an idle worker waits after the first request for others to join.
         max_batch_pairs: Most pairs merged into one batch; a larger single request still runs
             whole (the engine splits it by its token budget).
@@ -86,7 +94,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        reranker: Any,
+        reranker: Scorer | None,
         *,
         max_wait_ms: float = 2.0,
         max_batch_pairs: int = 256,
@@ -124,9 +132,20 @@ class MicroBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="qwen3-rerank-batcher")
 
     async def submit(
-        self, query: str, texts: list[str], instruction: str | None = None, *, count_tokens: bool = False
+        self,
+        query: str,
+        texts: list[str],
+        instruction: str | None = None,
+        *,
+        count_tokens: bool = False,
+        max_query_tokens: int | None = None,
+        max_doc_tokens: int | None = None,
+        long_documents: bool | None = None,
     ) -> ScoredRequest:
         """Queue one request and wait for its scores.
+
+        ``max_query_tokens``, ``max_doc_tokens`` and ``long_documents`` override the engine's
+        settings for this request (see :class:`~qwen3_rerank_plugins.protocol.ScoreGroup`).
 
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
@@ -137,7 +156,18 @@ class MicroBatcher:
         if len(self._items) >= self.max_queue:
             raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
         future: asyncio.Future[ScoredRequest] = asyncio.get_running_loop().create_future()
-        self._items.append(_Pending(query, texts, instruction, count_tokens, future))
+        self._items.append(
+            _Pending(
+                query,
+                texts,
+                instruction,
+                count_tokens,
+                future,
+                max_query_tokens,
+                max_doc_tokens,
+                long_documents,
+            )
+        )
         self._wakeup.set()
         return await future
 
@@ -206,7 +236,7 @@ class MicroBatcher:
                 item.future.set_result(outcome)
 
     def _score_batch(self, batch: list[_Pending]) -> list[ScoredRequest | Exception]:
-        """Runs in the worker thread: one engine call per instruction present in the batch."""
+        """Runs in the worker thread: one engine call for the whole batch."""
         return score_requests(self.reranker, batch, observer=self.observer)
 
 
@@ -220,66 +250,62 @@ class ScoreRequest(NamedTuple):
 
 
 def score_requests(
-    reranker: Any, requests: Sequence[Any], *, observer: BatchObserver | None = None
+    reranker: Scorer, requests: Sequence[Any], *, observer: BatchObserver | None = None
 ) -> list[ScoredRequest | Exception]:
-    """Score several requests with one engine call per instruction, each failure kept to its request.
+    """Score several requests with one engine call, each failure kept to its request.
 
-    Merging is exact (the engine groups pairs by query and reuses each query's prefix cache). When
-    a merged call fails, its requests are scored one by one, so one bad request does not fail its
-    neighbours. Both the plain service's batcher and the Ray Serve replicas call this.
+    The engine batches the documents of all the requests together (across queries and
+    instructions), exactly. When the merged call fails, its requests are scored one by one, so
+    one bad request does not fail its neighbours. Both the plain service's batcher and the Ray
+    Serve replicas call this.
 
     Args:
-        reranker: A loaded :class:`~qwen3_rerank_plugins.Reranker`.
+        reranker: What scores (a :class:`~qwen3_rerank_plugins.protocol.Scorer`).
         requests: Objects with ``query``, ``texts``, ``instruction`` and ``count_tokens``
-            attributes, such as :class:`ScoreRequest`.
+            attributes (such as :class:`ScoreRequest`), and optionally ``max_query_tokens``,
+            ``max_doc_tokens`` and ``long_documents``.
         observer: Called after each engine call with (requests merged, pairs, seconds).
 
     Returns:
         For each request, in order, its :class:`ScoredRequest` or the exception it raised.
     """
-    groups: dict[str | None, list[int]] = {}
-    for i, item in enumerate(requests):
-        groups.setdefault(item.instruction, []).append(i)
-    outcomes: list[ScoredRequest | Exception] = [RuntimeError("not scored")] * len(requests)
-    for instruction, members in groups.items():
-        items = [requests[i] for i in members]
+    try:
+        return list(_score_together(reranker, list(requests), observer))
+    except Exception as exc:
+        if len(requests) == 1:
+            return [exc]
+        # Score each request alone so that one failure does not fail its neighbours.
+        logger.warning("a merged batch of %d requests failed (%s); retrying one by one", len(requests), exc)
+    outcomes: list[ScoredRequest | Exception] = []
+    for item in requests:
         try:
-            results: list[ScoredRequest | Exception] = list(
-                _score_group(reranker, instruction, items, observer)
-            )
-        except Exception as exc:
-            if len(items) == 1:
-                results = [exc]
-            else:
-                # Score each request alone so that one failure does not fail its neighbours.
-                logger.warning(
-                    "a merged batch of %d requests failed (%s); retrying one by one", len(items), exc
-                )
-                results = []
-                for item in items:
-                    try:
-                        results.extend(_score_group(reranker, instruction, [item], observer))
-                    except Exception as single_exc:
-                        results.append(single_exc)
-        for i, outcome in zip(members, results, strict=True):
-            outcomes[i] = outcome
+            outcomes.extend(_score_together(reranker, [item], observer))
+        except Exception as single_exc:
+            outcomes.append(single_exc)
     return outcomes
 
 
-def _score_group(
-    reranker: Any, instruction: str | None, items: list[Any], observer: BatchObserver | None
+def _score_together(
+    reranker: Scorer, items: list[Any], observer: BatchObserver | None
 ) -> list[ScoredRequest]:
-    pairs = [(item.query, text) for item in items for text in item.texts]
+    groups = [
+        ScoreGroup(
+            item.query,
+            item.texts,
+            item.instruction,
+            max_query_tokens=getattr(item, "max_query_tokens", None),
+            max_doc_tokens=getattr(item, "max_doc_tokens", None),
+            long_documents=getattr(item, "long_documents", None),
+        )
+        for item in items
+    ]
     start = time.perf_counter()
-    logits = reranker.score_pairs(pairs, instruction, return_logits=True)
+    scored = reranker.score_groups(groups)
     elapsed = time.perf_counter() - start
     if observer is not None:
         with contextlib.suppress(Exception):
-            observer(len(items), len(pairs), elapsed)
-    out, offset = [], 0
-    for item in items:
-        n = len(item.texts)
-        tokens = reranker.count_tokens(item.query, item.texts, instruction) if item.count_tokens else None
-        out.append(ScoredRequest(logits=list(logits[offset : offset + n]), total_tokens=tokens))
-        offset += n
-    return out
+            observer(len(items), sum(len(item.texts) for item in items), elapsed)
+    return [
+        ScoredRequest(result.logits, result.tokens if item.count_tokens else None, result.spans)
+        for item, result in zip(items, scored, strict=True)
+    ]

@@ -1,0 +1,146 @@
+"""What "something that scores" is: the :class:`Scorer` protocol and the backend primitive's types.
+
+The server, the web page, the batcher, evaluate and the adapters depend on :class:`Scorer`, not
+on a concrete class; the local engine and the remote backend both satisfy it through
+:class:`~qwen3_rerank_plugins.scoring.BaseReranker`. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .results import ConfidenceBands, FallbackRerank, RerankResult
+from .templates import InstructionTemplate
+from .validation import Document
+
+__all__ = ["GroupScores", "ScoreGroup", "Scorer"]
+
+
+@dataclass(frozen=True)
+class ScoreGroup:
+    """Documents to score against one query: the unit of work of every backend.
+
+    A backend receives many groups at once and may batch their documents together (several
+    queries in one forward pass); each group's scores are exact whatever it was batched with.
+
+    Attributes:
+        query: The query text.
+        texts: The documents' texts.
+        instruction: Instruction text (already resolved from a template name), or ``None`` for
+            the backend's default.
+        max_query_tokens: Cut the instruction + query to this many tokens (``None``: the
+            backend's setting).
+        max_doc_tokens: Cut each document to this many tokens (``None``: the backend's setting).
+        long_documents: Read long documents in windows (``None``: the backend's setting).
+    """
+
+    query: str
+    texts: Sequence[str]
+    instruction: str | None = None
+    max_query_tokens: int | None = None
+    max_doc_tokens: int | None = None
+    long_documents: bool | None = None
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    """What a backend returns for one :class:`ScoreGroup`.
+
+    Attributes:
+        logits: ``z_yes - z_no`` of each document, in input order.
+        tokens: Prompt tokens the model read for the group (template included, every window of a
+            long document counted), or ``None`` when the backend cannot tell.
+        spans: For each document, the ``(start, end)`` character span of the window that gave
+            its score, or ``None`` where the document was read whole (or cut as the model card
+            does); ``None`` for the whole list when no window was used.
+    """
+
+    logits: list[float]
+    tokens: int | None = None
+    spans: list[tuple[int, int] | None] | None = field(default=None)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """The scoring surface shared by the local :class:`~qwen3_rerank_plugins.Reranker` and
+    :class:`~qwen3_rerank_plugins.remote.RemoteReranker`."""
+
+    bands: ConfidenceBands
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def instruction(self) -> str | None: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def with_settings(self, **settings: Any) -> Scorer: ...
+
+    def score_groups(
+        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+    ) -> list[GroupScores]: ...
+
+    async def ascore_groups(
+        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+    ) -> list[GroupScores]: ...
+
+    def score(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        return_logits: bool = False,
+        show_progress: bool | None = None,
+    ) -> list[float]: ...
+
+    def score_pairs(
+        self,
+        pairs: Sequence[tuple[str, Document]],
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        return_logits: bool = False,
+        show_progress: bool | None = None,
+    ) -> list[float]: ...
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[RerankResult]: ...
+
+    async def arerank(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[RerankResult]: ...
+
+    def rerank_with_fallback(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        generalize: Callable[[str], str] | None = None,
+    ) -> FallbackRerank: ...

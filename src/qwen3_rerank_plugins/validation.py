@@ -1,0 +1,128 @@
+"""Argument checks shared by every scoring surface: the local engine, the remote backend, the client.
+
+Plain Python, no torch. One check per kind of argument, and one exception type per mistake: a
+value of the wrong type raises :class:`TypeError`, a value of the right type out of range raises
+:class:`ValueError`; every message names the argument (``documents[3]``, ``top_n``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "Document",
+    "InputTooLongError",
+    "check_bool",
+    "check_optional_positive_int",
+    "check_positive_int",
+    "check_query",
+    "check_threshold",
+    "check_top_n",
+    "document_text",
+    "document_texts",
+    "pair_texts",
+]
+
+#: A document: its text, or a mapping with a ``"text"`` key (other keys such as ``"id"`` ride along).
+Document = str | Mapping[str, Any]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_query(query: Any, name: str = "query") -> str:
+    """``query`` itself, or :class:`TypeError` when it is not a string."""
+    if not isinstance(query, str):
+        raise TypeError(f"{name} must be a str, got {type(query).__name__}")
+    return query
+
+
+def document_text(doc: Any, label: str) -> str:
+    """The text of one document (a string, or a mapping with a ``"text"`` string)."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, Mapping):
+        if "text" not in doc:
+            raise ValueError(f"{label} is a mapping without a 'text' key (keys: {sorted(map(str, doc))})")
+        text = doc["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"{label}['text'] must be a str, got {type(text).__name__}")
+        return text
+    raise TypeError(f"{label} must be a str or a mapping with a 'text' key, got {type(doc).__name__}")
+
+
+def document_texts(documents: Any) -> list[str]:
+    """Validate ``documents`` and return their texts, naming the index of a bad element."""
+    if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence):
+        raise TypeError(
+            "documents must be a list of strings or of mappings with a 'text' key, "
+            f"got {type(documents).__name__}"
+        )
+    return [document_text(doc, f"documents[{i}]") for i, doc in enumerate(documents)]
+
+
+def pair_texts(pairs: Any) -> list[tuple[str, str]]:
+    """Validate ``(query, document)`` pairs and return ``(query, text)``, naming a bad element."""
+    if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of (query, document) tuples, got {type(pairs).__name__}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, document) pair, got {pair!r:.80}")
+        out.append((check_query(pair[0], f"pairs[{i}][0]"), document_text(pair[1], f"pairs[{i}][1]")))
+    return out
+
+
+def check_top_n(top_n: Any) -> int | None:
+    """``top_n`` as given: ``None`` (all results) or a positive int."""
+    if top_n is None:
+        return None
+    if not _is_int(top_n):
+        raise TypeError(f"top_n must be a positive int or None, got {type(top_n).__name__}")
+    if top_n <= 0:
+        raise ValueError(f"top_n must be a positive int or None, got {top_n}")
+    return top_n
+
+
+def check_threshold(threshold: Any) -> float | None:
+    """``threshold`` as a float in [0, 1], or ``None`` (keep every result)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise TypeError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1] or None, got {threshold}")
+    return float(threshold)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` when it is an int >= 1."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r:.40}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def check_optional_positive_int(value: Any, name: str) -> int | None:
+    """``value`` when it is ``None`` or an int >= 1."""
+    return None if value is None else check_positive_int(value, name)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` when it is a bool (``1`` or ``"yes"`` are refused: they hide mistakes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+class InputTooLongError(ValueError):
+    """An input that cannot be scored within the token budget (e.g. a query with no room left
+    for any document); ``param`` names the argument or request field (``"query"``)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
