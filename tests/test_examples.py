@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,6 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from qwen3_rerank_plugins import ConfidenceBands, Reranker
 from qwen3_rerank_plugins.fallback import generalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,24 +379,3 @@ def test_serve_and_query_demo() -> None:
     assert sorted(i for i, _ in rank) == ["H-1001", "H-1007", "H-1009", "H-1041"]
     assert "A malformed request gets 422" in out
     assert "Service stopped." in out
-
-
-# -- README ---------------------------------------------------------------------------------------------
-
-
-def _readme_python(anchor: str) -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split(f"<!-- section: {anchor} -->", 1)[1].split("<!-- section:", 1)[0]
-    return textwrap.dedent(re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1))
-
-
-def test_readme_fallback_snippet_runs(reranker: Reranker, tiny_model_dir: Path, capsys) -> None:
-    code = _readme_python("examples").replace('"Qwen/Qwen3-Reranker-0.6B"', repr(str(tiny_model_dir)))
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    outcome = namespace["outcome"]
-    # The tiny model's random scores are low under the default cut-offs: the retry ran.
-    assert outcome.fell_back and outcome.retry.query == "电梯又坏了，被困"
-    assert [r.id for r in outcome.results][:1] and all(isinstance(r.id, str) for r in outcome.results)
-    assert ConfidenceBands().classify(outcome.final.best_score) == outcome.final.best_band
-    assert "needs review" in capsys.readouterr().out
