@@ -218,8 +218,7 @@ def test_a_megabyte_document_costs_what_its_budget_reads(reranker):
     assert elapsed < 2.0  # tokenising all of it would take far longer
 
 
-def test_max_doc_tokens_caps_each_document(reranker, hf_model):
-    model, tokenizer = hf_model
+def test_max_doc_tokens_caps_each_document(reranker):
     docs = [LONG, "short one", FAQ_DOCS[0]]
     rr = reranker.with_settings(max_doc_tokens=20)
     plain = reranker._core.plain

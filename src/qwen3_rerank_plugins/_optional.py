@@ -24,5 +24,6 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
     except ImportError as exc:
         raise ImportError(
             f"{feature} needs the optional dependency '{module.split('.')[0]}', which is not installed. "
-            f"Install it with: pip install 'qwen3-rerank-plugins[{extra}]'"
+            f"Install it with: pip install 'qwen3-rerank-plugins[{extra}]' "
+            f"(from a clone of the project: pip install -e '.[{extra}]')"
         ) from exc
