@@ -32,10 +32,11 @@ DATA = HERE.parent / "examples" / "data"
 
 
 def _requests(n: int, docs: int, seed: int = 0) -> list[tuple[str, list[str]]]:
-    kb = [json.loads(line)["text"] for line in (DATA / "faq_kb.jsonl").read_text("utf-8").splitlines() if line]
-    queries = [
-        json.loads(line)["query"] for line in (DATA / "faq_eval.jsonl").read_text("utf-8").splitlines() if line
-    ]
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (DATA / name).read_text("utf-8").splitlines() if line]
+
+    kb = [r["text"] for r in rows("faq_kb.jsonl")]
+    queries = [r["query"] for r in rows("faq_eval.jsonl")]
     rng = random.Random(seed)
     return [(queries[i % len(queries)], rng.sample(kb, docs)) for i in range(n)]
 
@@ -85,8 +86,8 @@ def _in_process(src: Path | None, n: int, docs: int, budgets: list[int | None]) 
     if src is not None:
         env["PYTHONPATH"] = f"{src}{os.pathsep}{env.get('PYTHONPATH', '')}"
     code = (
-        "import json, sys; sys.path.insert(0, %r); import forward_passes as fp; "
-        "print(json.dumps(fp.measure(%d, %d, %r)))" % (str(HERE), n, docs, budgets)
+        f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import forward_passes as fp; "
+        f"print(json.dumps(fp.measure({n}, {docs}, {budgets!r})))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
