@@ -22,13 +22,17 @@ from .registry import get_reranker, loaded_with
 from .results import FallbackRerank, RerankResult
 from .templates import InstructionTemplate, resolve_instruction
 
-__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "EngineSettings", "FallbackSetting"]
+__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "SPAN_KEY", "EngineSettings", "FallbackSetting", "span_metadata"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 #: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
 LOAD_FIELDS = ("model", "device", "dtype", "source")
+# Fields that are engine settings: applied over the engine with ``with_settings``.
+_ENGINE_OVERRIDES = ("max_length", "batch_tokens", "long_documents", "max_doc_tokens", "max_query_tokens")
+#: Metadata key of the ``{"start", "end"}`` span of a long document's best window.
+SPAN_KEY = "match_span"
 
 
 class EngineSettings(BaseModel):
@@ -69,6 +73,15 @@ class EngineSettings(BaseModel):
     new one). Only the document is truncated, never the template."""
     batch_tokens: int | None = Field(default=None, gt=0)
     """Token budget of one forward pass; ``None`` keeps the engine's device default."""
+    long_documents: bool | None = None
+    """Read a document longer than the budget in overlapping windows and score it by its best
+    window (its character span lands in the result's metadata as ``match_span``); ``None`` keeps
+    the engine's setting (off: the model card's truncation)."""
+    max_doc_tokens: int | None = Field(default=None, gt=0)
+    """Cut each document to this many tokens (``None``: only ``max_length`` limits it)."""
+    max_query_tokens: int | None = Field(default=None, gt=0)
+    """Cut the query to this many tokens, keeping room for the document (``None``: a query that
+    leaves no room for any document is an error)."""
 
     _engine: Scorer = PrivateAttr()
 
@@ -96,7 +109,7 @@ class EngineSettings(BaseModel):
     def _attach_engine(self) -> EngineSettings:
         overrides = {
             name: getattr(self, name)
-            for name in ("max_length", "batch_tokens")
+            for name in _ENGINE_OVERRIDES
             if getattr(self, name) is not None
         }
         if self.base_url is not None:
@@ -223,3 +236,13 @@ class FallbackSetting(EngineSettings):
             query, texts, generalize=self._generalizer(), **kwargs
         )
         return list(outcome.results), outcome
+
+
+def span_metadata(result: RerankResult) -> dict[str, Any]:
+    """``{"match_span": {"start", "end"}}`` for a result scored by a window, else ``{}``.
+
+    The offsets index the text that was scored (for LlamaIndex: the node's embed-mode content).
+    """
+    if result.span is None:
+        return {}
+    return {SPAN_KEY: {"start": result.span[0], "end": result.span[1]}}

@@ -44,7 +44,7 @@ except ImportError:
 # langchain-core brings along).
 from pydantic import Field
 
-from ._adapters import EngineSettings, FallbackSetting
+from ._adapters import EngineSettings, FallbackSetting, span_metadata
 from .results import FallbackRerank, RerankResult
 
 __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
@@ -61,6 +61,7 @@ def _reranked_copy(doc: Document, result: RerankResult, outcome: FallbackRerank 
         metadata = dict(doc.metadata)
     metadata["relevance_score"] = result.score
     metadata["relevance_band"] = result.band
+    metadata.update(span_metadata(result))
     if outcome is not None:
         metadata["needs_review"] = outcome.needs_review
         metadata["reranked_query"] = outcome.final.query

@@ -43,7 +43,7 @@ except ImportError:
 
 # After the guard: without the extra, the ImportError above names it (not pydantic, which
 # llama-index-core brings along).
-from ._adapters import LOAD_FIELDS, FallbackSetting
+from ._adapters import LOAD_FIELDS, FallbackSetting, span_metadata
 from .results import RerankResult
 
 __all__ = ["Qwen3Rerank"]
@@ -185,25 +185,28 @@ class Qwen3Rerank(FallbackSetting, BaseNodePostprocessor):
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
 
             def finish(results: list[RerankResult]) -> list[NodeWithScore]:
-                reranked = [self._reranked_node(nodes[r.index], r.score) for r in results]
+                reranked = [self._reranked_node(nodes[r.index], r) for r in results]
                 event.on_end(payload={EventPayload.NODES: reranked})
                 dispatcher.event(ReRankEndEvent(nodes=reranked))
                 return reranked
 
             yield finish
 
-    def _reranked_node(self, original: NodeWithScore, score: float) -> NodeWithScore:
-        """A new ``NodeWithScore``; with ``keep_retrieval_score`` its node is a copy."""
+    def _reranked_node(self, original: NodeWithScore, result: RerankResult) -> NodeWithScore:
+        """A new ``NodeWithScore``; with ``keep_retrieval_score`` or a matching span its node is a copy."""
         node = original.node
+        added = span_metadata(result)
         if self.keep_retrieval_score:
+            added[RETRIEVAL_SCORE_KEY] = original.score
+        if added:
             node = node.model_copy(
                 update={
-                    "metadata": {**node.metadata, RETRIEVAL_SCORE_KEY: original.score},
-                    "excluded_embed_metadata_keys": _with_key(node.excluded_embed_metadata_keys),
-                    "excluded_llm_metadata_keys": _with_key(node.excluded_llm_metadata_keys),
+                    "metadata": {**node.metadata, **added},
+                    "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys, added),
+                    "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys, added),
                 }
             )
-        return NodeWithScore(node=node, score=score)
+        return NodeWithScore(node=node, score=result.score)
 
 
 def _query_text(query_bundle: QueryBundle | None) -> str:
@@ -219,5 +222,6 @@ def _node_texts(nodes: Sequence[NodeWithScore]) -> list[str]:
     return [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
 
 
-def _with_key(keys: list[str]) -> list[str]:
-    return keys if RETRIEVAL_SCORE_KEY in keys else [*keys, RETRIEVAL_SCORE_KEY]
+def _with_keys(keys: list[str], added: dict[str, Any]) -> list[str]:
+    # The reranker's own keys are not read again by embedding models or LLMs.
+    return [*keys, *(k for k in added if k not in keys)]
