@@ -59,7 +59,9 @@ def serve(
         port: TCP port.
         graceful_timeout: Seconds to wait for in-flight requests on shutdown (``None``: no limit).
         access_log: Log one line per request.
-        **app_options: Passed to :func:`create_app` (``api_key``, ``max_documents``, ...).
+        **app_options: Passed to :func:`create_app` (``api_key``, ``max_documents``,
+            ``body_timeout``, ``max_request_tokens``, ...). uvicorn itself has no limit on how
+            long a body may take; the app's ``body_timeout`` is that limit.
 
     Raises:
         OSError: The address cannot be listened on (in use, not this machine's, ...); raised

@@ -452,22 +452,28 @@ class _MetricsMiddleware:
 
 
 async def _check_token_budget(
-    reranker: Any, query: str, texts: list[str], instruction: str | None, budget: int
+    reranker: Any,
+    query: str,
+    texts: list[str],
+    instruction: str | None,
+    budget: int,
+    max_doc_tokens: int | None = None,
 ) -> None:
     """Refuse, before it is queued, a request that would make the model read over ``budget`` tokens.
 
-    Every prompt is cut to the engine's ``max_length``, so most requests pass on
-    ``len(texts) * max_length`` alone, without tokenising anything here.
+    Unless the engine reads long documents in several windows, every prompt is cut to its
+    ``max_length``, so most requests pass on ``len(texts) * max_length`` alone, without
+    tokenising anything here.
 
     Raises:
         RequestError: 413 ``too_many_tokens`` naming ``documents``.
     """
-    max_length = getattr(reranker, "max_length", None)
-    if not isinstance(max_length, int):
-        max_length = None
+    max_length = _prompt_cap(reranker)
     if max_length is not None and len(texts) * max_length <= budget:
         return
-    tokens = await asyncio.to_thread(_prompt_tokens, reranker, query, texts, instruction, max_length, budget)
+    tokens = await asyncio.to_thread(
+        _prompt_tokens, reranker, query, texts, instruction, max_length, max_doc_tokens, budget
+    )
     if tokens > budget:
         cut = f", each document cut to max_length={max_length}" if max_length is not None else ""
         raise RequestError(
@@ -479,15 +485,38 @@ async def _check_token_budget(
         )
 
 
+def _prompt_cap(reranker: Any) -> int | None:
+    """The most tokens the engine reads per document, or ``None`` when it has no such cap
+    (long documents read in windows) or does not say."""
+    max_length = getattr(reranker, "max_length", None)
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        return None
+    try:
+        windows = bool(reranker.settings().get("long_documents", False))
+    except Exception:  # an engine that does not report its settings: assume it may
+        windows = True
+    return None if windows else max_length
+
+
 def _prompt_tokens(
-    reranker: Any, query: str, texts: list[str], instruction: str | None, max_length: int | None, budget: int
+    reranker: Any,
+    query: str,
+    texts: list[str],
+    instruction: str | None,
+    max_length: int | None,
+    max_doc_tokens: int | None,
+    budget: int,
 ) -> int:
     """Runs in a worker thread: a bound of the request's prompt tokens when it is within
-    ``budget``, else the engine's exact count."""
+    ``budget``, else the engine's count (which does not apply the request's own token caps, so it
+    may count more than the model will read, never less)."""
     if max_length is not None:
         # A token covers at least one byte of text, and each prompt is cut to max_length.
         overhead = reranker.count_tokens(query, [""], instruction)  # template, instruction and query
-        bound = sum(min(max_length, overhead + len(t.encode("utf-8", "surrogatepass"))) for t in texts)
+        doc_cap = max_doc_tokens if max_doc_tokens is not None else max_length
+        bound = sum(
+            min(max_length, overhead + min(doc_cap, len(t.encode("utf-8", "surrogatepass")))) for t in texts
+        )
         if bound <= budget:
             return bound
     return int(reranker.count_tokens(query, texts, instruction))
@@ -519,10 +548,14 @@ class _BodyTimeoutMiddleware:
         deadline = loop.time() + self.timeout
         headers = dict(scope.get("headers", []))
         body_done = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0") == b"0"
+        # A client that sent "Expect: 100-continue" waits for leave to send its body: reading it
+        # just to drop it would only waste its upload.
+        drain = headers.get(b"expect", b"").lower() != b"100-continue"
 
         async def next_message() -> dict[str, Any]:
             """The next ``receive`` message; ``asyncio.TimeoutError`` past the deadline."""
-            nonlocal body_done
+            nonlocal body_done, drain
+            drain = True
             message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
@@ -545,7 +578,7 @@ class _BodyTimeoutMiddleware:
         async def send_after_body(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start" and not body_done:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    while not body_done:
+                    while drain and not body_done:
                         await next_message()
                 if not body_done:
                     kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]

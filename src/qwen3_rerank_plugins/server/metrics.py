@@ -19,7 +19,9 @@ class ServiceMetrics:
     """The service's counters and histograms (all prefixed ``qwen3_rerank_``).
 
     Attributes:
-        requests: ``requests_total{endpoint, status}`` HTTP requests answered.
+        requests: ``requests_total{endpoint, status}`` HTTP requests answered. ``499``: the
+            client hung up first (while uploading or queued; nothing was sent), ``408``: its
+            body did not arrive within the body timeout.
         latency: ``request_duration_seconds{endpoint}`` time from request to response.
         pairs: ``pairs_scored_total`` (query, document) pairs scored.
         batch_pairs: ``batch_pairs`` pairs per engine call.
