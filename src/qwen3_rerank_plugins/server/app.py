@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +32,7 @@ from ..server_defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_TOKENS
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .openapi import build_openapi
 from .schemas import RequestError, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "create_app"]
@@ -214,15 +216,18 @@ def create_app(
         """Scoring through the batcher for one request; dropped if its client disconnects first."""
 
         async def score(
-            query: str, texts: list[str], instruction: str | None, count_tokens: bool
+            query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
         ) -> tuple[list[float], int | None]:
-            return await _unless_disconnected(request, submit(query, texts, instruction, count_tokens))
+            return await _unless_disconnected(
+                request, submit(query, texts, instruction, count_tokens, **limits)
+            )
 
         return score
 
     async def submit(
-        query: str, texts: list[str], instruction: str | None, count_tokens: bool
+        query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
     ) -> tuple[list[float], int | None]:
+        """Score one request; ``limits`` are its token caps (``max_doc_tokens``, ``max_query_tokens``)."""
         batcher = state.batcher
         if batcher is None:
             if state.load_error is not None:
@@ -238,7 +243,7 @@ def create_app(
         try:
             if max_request_tokens is not None:
                 await _check_token_budget(state.reranker, query, texts, instruction, max_request_tokens)
-            scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens)
+            scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens, **limits)
         except RequestError:
             raise
         except QueueFullError as exc:
@@ -305,6 +310,7 @@ def create_app(
             score=scorer(request),
             max_documents=max_documents,
             model_name=state.model_name,
+            default_instruction=_default_instruction(state.reranker),
         )
         return JSONResponse(payload)
 
@@ -313,8 +319,8 @@ def create_app(
             path,
             rerank,
             methods=["POST"],
-            summary="Rerank documents (Cohere / Jina / vLLM request and response shape)",
-            include_in_schema=path == "/v1/rerank",
+            summary="Rerank documents (Cohere / Jina / vLLM / Infinity request and response shape)"
+            + ("; with `texts`, text-embeddings-inference's" if path == "/rerank" else ""),
         )
 
     @app.post("/rank", summary="Rank {id, text} records; results carry ids, scores and bands")
@@ -322,15 +328,34 @@ def create_app(
         check_auth(request)
         body = await read_json(request, max_body_bytes)
         payload = await rank_response(
-            body, score=scorer(request), bands=bands, max_documents=max_documents, model_name=state.model_name
+            body,
+            score=scorer(request),
+            bands=bands,
+            max_documents=max_documents,
+            model_name=state.model_name,
+            default_instruction=_default_instruction(state.reranker),
         )
         return JSONResponse(payload)
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document completed with the request and response schemas (see :mod:`.openapi`)."""
+        if app.openapi_schema is None:
+            base = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            app.openapi_schema = build_openapi(base, api_key=api_key is not None, max_documents=max_documents)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _default_instruction(reranker: Any) -> str | None:
+    """The instruction text a request without one is scored with (``None`` while loading)."""
+    text = getattr(reranker, "instruction", None)
+    return text if isinstance(text, str) else None
 
 
 async def _call_in_daemon_thread(fn: Callable[[], Any]) -> Any:

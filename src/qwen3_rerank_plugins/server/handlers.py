@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
-from ..results import ConfidenceBands, RerankResult, ranked_order, sigmoid
+from ..results import ConfidenceBands, rank_results, sigmoid
+from ..templates import list_instruction_templates, resolve_instruction, suggest_template_name
 from .schemas import (
     RankRequest,
     RequestError,
@@ -36,11 +38,25 @@ __all__ = [
     "too_large",
 ]
 
-#: ``await score(query, texts, instruction, count_tokens)`` -> ``(logits in input order, tokens)``;
-#: ``tokens`` may be ``None`` when ``count_tokens`` is false. Raises :class:`RequestError`.
-ScoreFn = Callable[[str, list[str], str | None, bool], Awaitable[tuple[list[float], int | None]]]
+
+class ScoreFn(Protocol):
+    """How a front end scores one request.
+
+    ``await score(query, texts, instruction, count_tokens, **limits)`` -> ``(logits in input
+    order, tokens)``; ``tokens`` may be ``None`` when ``count_tokens`` is false. ``limits`` holds
+    only the request's token caps that are set (``max_doc_tokens``, ``max_query_tokens``: the
+    engine's keywords), so a request without any calls it with four arguments. Raises
+    :class:`RequestError`.
+    """
+
+    def __call__(
+        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
+    ) -> Awaitable[tuple[list[float], int | None]]: ...
+
 
 TEI_PATH = "/rerank"
+_NO_BANDS = ConfidenceBands()  # /v1/rerank and TEI answers carry no band
+_ONE_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # free text that may be a mistyped template name
 #: nginx's status for a request whose client closed the connection (never sent: nobody reads it).
 CLIENT_CLOSED = 499
 
@@ -123,6 +139,7 @@ async def rerank_response(
     score: ScoreFn,
     max_documents: int,
     model_name: str | None,
+    default_instruction: str | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Answer ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``).
 
@@ -135,6 +152,8 @@ async def rerank_response(
         score: How this front end scores a request.
         max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
+        default_instruction: The instruction text a request without one is scored with (reported
+            in ``meta.instruction``; ``None`` when the front end does not know it).
 
     Returns:
         The JSON-ready response body.
@@ -144,29 +163,34 @@ async def rerank_response(
     """
     if path.rstrip("/") == TEI_PATH and "texts" in body and "documents" not in body:
         tei = parse_tei(body, max_documents=max_documents)
-        logits, _ = await score(tei.query, tei.texts, tei.instruction, False)
+        logits, _ = await score(tei.query, tei.texts, tei.instruction, False, **tei.limits.as_kwargs())
         out = []
-        for i in ranked_order(logits, None):
-            item: dict[str, Any] = {"index": i, "score": logits[i] if tei.raw_scores else sigmoid(logits[i])}
+        for r in rank_results(logits, tei.texts, bands=_NO_BANDS, top_n=tei.top_n):
+            item: dict[str, Any] = {"index": r.index, "score": r.logit if tei.raw_scores else r.score}
             if tei.return_text:
-                item["text"] = tei.texts[i]
+                item["text"] = r.document
             out.append(item)
         return out
     req = parse_rerank(body, max_documents=max_documents)
-    logits, tokens = await score(req.query, req.texts, req.instruction, True)
+    logits, tokens = await score(req.query, req.texts, req.instruction, True, **req.limits.as_kwargs())
+    documents = req.documents if req.documents is not None else req.texts
     results = []
-    for i in ranked_order(logits, req.top_n):
-        item = {"index": i, "relevance_score": sigmoid(logits[i])}
+    for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n):
+        item = {"index": r.index, "relevance_score": r.logit if req.raw_scores else r.score}
         if req.return_documents:
-            item["document"] = {"text": req.texts[i]}
+            # Cohere, Jina and vLLM clients read {"text": ...}; an object comes back whole.
+            item["document"] = {"text": r.document} if isinstance(r.document, str) else r.document
         results.append(item)
     tokens = tokens or 0
     return {
         "id": f"rerank-{uuid.uuid4().hex}",
         "model": model_name,
-        "usage": {"total_tokens": tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "results": results,
-        "meta": {"tokens": {"input_tokens": tokens, "output_tokens": 0}},
+        "meta": {
+            "tokens": {"input_tokens": tokens, "output_tokens": 0},
+            "instruction": instruction_meta(req.instruction, default_instruction),
+        },
     }
 
 
@@ -177,6 +201,7 @@ async def rank_response(
     bands: ConfidenceBands,
     max_documents: int,
     model_name: str | None,
+    default_instruction: str | None = None,
 ) -> dict[str, Any]:
     """Answer ``POST /rank``: ``{id, text}`` records ranked, each with its score and band.
 
@@ -191,6 +216,7 @@ async def rank_response(
         bands: Cut-offs of the bands and of the fallback's low band.
         max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
+        default_instruction: As for :func:`rerank_response`.
 
     Returns:
         The JSON-ready response body.
@@ -201,7 +227,7 @@ async def rank_response(
     req = parse_rank(body, max_documents=max_documents)
 
     async def attempt(query: str) -> RerankAttempt:
-        logits, _ = await score(query, req.texts, req.instruction, False)
+        logits, _ = await score(query, req.texts, req.instruction, False, **req.limits.as_kwargs())
         return _attempt(req, query, logits, bands)
 
     first = await attempt(req.query)
@@ -219,16 +245,14 @@ async def rank_response(
     results = [
         {"id": req.ids[r.index], "index": r.index, "score": r.score, "band": r.band} for r in final.results
     ]
-    return {"model": model_name, "results": results, **extra}
+    meta = {"instruction": instruction_meta(req.instruction, default_instruction)}
+    return {"model": model_name, "results": results, **extra, "meta": meta}
 
 
 def _attempt(req: RankRequest, query: str, logits: list[float], bands: ConfidenceBands) -> RerankAttempt:
     """One ``/rank`` pass as the library's :class:`RerankAttempt` (best score over all documents)."""
-    results = []
-    for i in ranked_order(logits, req.top_n):
-        value = sigmoid(logits[i])
-        document = {"id": req.ids[i], "text": req.texts[i]}
-        results.append(RerankResult(i, value, logits[i], document, bands.classify(value)))
+    documents = [{"id": doc_id, "text": text} for doc_id, text in zip(req.ids, req.texts, strict=True)]
+    results = rank_results(logits, documents, bands=bands, top_n=req.top_n)
     best = sigmoid(max(logits)) if logits else None
     return RerankAttempt(
         query=query,
@@ -236,3 +260,35 @@ def _attempt(req: RankRequest, query: str, logits: list[float], bands: Confidenc
         best_score=best,
         best_band=None if best is None else bands.classify(best),
     )
+
+
+def instruction_meta(instruction: str | None, default: str | None = None) -> dict[str, Any]:
+    """How a request's instruction was read, for the response's ``meta.instruction``.
+
+    A client can see there whether its ``instruction`` named a template or was read as free text
+    (a mistyped name is only logged otherwise), and what the model read.
+
+    Args:
+        instruction: The request's ``instruction`` (``None`` when it sent none).
+        default: The instruction text the front end scores such a request with, if known.
+
+    Returns:
+        ``{"source": "template" | "free_text" | "default", "template": name or None,
+        "text": what the model read (None for an unknown default)}``, plus ``"did_you_mean"``
+        when free text looks like a mistyped template name.
+    """
+    templates = {t.name: t for t in list_instruction_templates()}
+    if instruction is None:
+        text = default
+        named = next((name for name, t in templates.items() if text is not None and t.text == text), None)
+        return {"source": "default", "template": named, "text": text}
+    text = resolve_instruction(instruction)
+    template = templates.get(instruction) or templates.get(instruction.lower())
+    if template is not None and template.text == text:
+        return {"source": "template", "template": template.name, "text": text}
+    out: dict[str, Any] = {"source": "free_text", "template": None, "text": text}
+    if _ONE_WORD.fullmatch(instruction):
+        suggestion = suggest_template_name(instruction)
+        if suggestion is not None:
+            out["did_you_mean"] = suggestion
+    return out
