@@ -7,6 +7,7 @@ Playwright and leaves a screenshot in ``test-output/ui.png``.
 
 from __future__ import annotations
 
+import html
 import shutil
 import socket
 import tempfile
@@ -137,12 +138,29 @@ def test_dropdown_offers_every_named_template_and_banner_only_for_the_demo(reran
 
 def test_gradio_client_ranks_through_the_page(page_url: str, reranker: Reranker) -> None:
     client = Client(page_url, verbose=False)
-    table, status = client.predict(QUERY, DOCS_BOX, "explicit_object", "", 2, api_name="/rerank")
+    table, status, matches = client.predict(QUERY, DOCS_BOX, "explicit_object", "", 2, api_name="/rerank")
+    assert matches == ""  # short documents are read whole: nothing to highlight
 
     assert table["headers"] == ["rank", "score", "band", "document"]
     assert table["data"] == _expected_rows(reranker, "explicit_object", top_n=2)
     assert f"Ranked **{len(DOCS)}** documents in" in status
     assert " ms" in status and "cpu (float32)" in status
+
+
+def test_gradio_client_highlights_the_matching_part_of_a_long_document(
+    page_url: str, reranker: Reranker
+) -> None:
+    long = "会员积分规则：" + "积分有效期为一年，过期自动清零。" * 800 + "兑换：在积分商城兑换优惠券。<b>"
+    client = Client(page_url, verbose=False)
+    _, _, matches = client.predict("积分怎么兑换", f"{long}\n短文档", "", "", 0, True, api_name="/rerank")
+    [result] = [
+        r
+        for r in reranker.with_settings(long_documents=True).rerank("积分怎么兑换", [long, "短文档"])
+        if r.span
+    ]
+    start, end = result.span
+    assert f"<mark>{html.escape(long[start:end])}</mark>" in matches
+    assert "优惠券。&lt;b&gt;" in matches and "优惠券。<b>" not in matches  # document text is escaped
 
 
 def test_gradio_client_gets_the_error_message(page_url: str) -> None:

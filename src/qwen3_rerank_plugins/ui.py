@@ -11,12 +11,14 @@ the time taken. Run it with ``qwen3-rerank ui`` or::
 
 from __future__ import annotations
 
+import html
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._optional import require
-from .results import ConfidenceBands
+from .protocol import Scorer
+from .results import ConfidenceBands, RerankResult
 from .templates import list_instruction_templates, resolve_instruction
 
 __all__ = ["DEFAULT_TEMPLATE_CHOICE", "UIRanking", "build_ui", "rank_for_ui"]
@@ -54,12 +56,36 @@ _EXAMPLES = [
 
 @dataclass(frozen=True)
 class UIRanking:
-    """What the page shows for one click: table rows, a status line, and the instruction used."""
+    """What the page shows for one click: table rows, a status line, the instruction used, and
+    the matching part of each long document read in windows (HTML, the span in ``<mark>``)."""
 
     rows: list[list[Any]]
     status: str
     instruction: str
     seconds: float
+    matches_html: str = field(default="")
+
+
+# Characters of context shown on each side of a matching span.
+_CONTEXT = 120
+
+
+def _matches_html(results: list[RerankResult]) -> str:
+    """Each windowed document with the best window's span highlighted (all text escaped)."""
+    parts = []
+    for rank, r in enumerate(results, start=1):
+        if r.span is None:
+            continue
+        start, end = r.span
+        text = r.text
+        before = ("…" if start > _CONTEXT else "") + text[max(start - _CONTEXT, 0) : start]
+        after = text[end : end + _CONTEXT] + ("…" if end + _CONTEXT < len(text) else "")
+        marked = f"{html.escape(before)}<mark>{html.escape(text[start:end])}</mark>{html.escape(after)}"
+        parts.append(
+            f'<div class="match"><strong>#{rank}</strong> ({r.score:.4f}, characters {start}-{end} of '
+            f"{len(text)}): {marked}</div>"
+        )
+    return "\n".join(parts)
 
 
 def _documents(text: str) -> list[str]:
@@ -67,13 +93,14 @@ def _documents(text: str) -> list[str]:
 
 
 def rank_for_ui(
-    reranker: Any,
+    reranker: Scorer,
     query: str,
     documents_text: str,
     template: str | None = DEFAULT_TEMPLATE_CHOICE,
     custom_instruction: str | None = "",
     top_n: float | int | None = None,
     bands: ConfidenceBands | None = None,
+    long_documents: bool = False,
 ) -> UIRanking:
     """Rank the page's inputs: the function behind the Rerank button.
 
@@ -85,6 +112,8 @@ def rank_for_ui(
         custom_instruction: Free text; when not blank it wins over the dropdown.
         top_n: Keep this many (``None`` or 0: all).
         bands: Cut-offs for the band column (default: the reranker's).
+        long_documents: Read documents longer than the budget in windows; the matching part of
+            each is highlighted in :attr:`UIRanking.matches_html`.
 
     Raises:
         ValueError: Empty query, no documents, or a negative top-n (shown as an error on the page).
@@ -101,6 +130,11 @@ def rank_for_ui(
         instruction: str | None = custom_instruction.strip()
     else:
         instruction = template or None
+    if long_documents:
+        try:
+            reranker = reranker.with_settings(long_documents=True)
+        except TypeError as exc:  # a remote backend: windows are the server's setting
+            raise ValueError(f"Long-document mode is not available here: {exc}") from exc
     start = time.perf_counter()
     results = reranker.rerank(query.strip(), docs, top_n=keep or None, instruction=instruction)
     seconds = time.perf_counter() - start
@@ -112,7 +146,9 @@ def rank_for_ui(
         f"· {reranker.model_name} on {reranker.device} ({str(reranker.dtype).removeprefix('torch.')})"
         f"\n\nInstruction: *{used}*"
     )
-    return UIRanking(rows=rows, status=status, instruction=used, seconds=seconds)
+    return UIRanking(
+        rows=rows, status=status, instruction=used, seconds=seconds, matches_html=_matches_html(results)
+    )
 
 
 def _template_info(name: str | None) -> str:
@@ -125,7 +161,7 @@ def _template_info(name: str | None) -> str:
 
 
 def build_ui(
-    reranker: Any,
+    reranker: Scorer,
     *,
     bands: ConfidenceBands | None = None,
     title: str = "Qwen3-Reranker",
@@ -147,12 +183,12 @@ def build_ui(
         (t.name, t.name) for t in list_instruction_templates()
     ]
 
-    def on_rerank(query: str, documents: str, template: str, custom: str, top_n: float):
+    def on_rerank(query: str, documents: str, template: str, custom: str, top_n: float, long: bool = False):
         try:
-            out = rank_for_ui(reranker, query, documents, template, custom, top_n, bands)
+            out = rank_for_ui(reranker, query, documents, template, custom, top_n, bands, bool(long))
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        return out.rows, out.status
+        return out.rows, out.status, out.matches_html
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"# {title}\nRerank documents for a query. One document per line.")
@@ -188,6 +224,11 @@ def build_ui(
                     lines=1,
                     elem_id="custom-instruction",
                 )
+                long_documents = gr.Checkbox(
+                    value=False,
+                    label="Long documents: read past max_length in windows and highlight the match",
+                    elem_id="long-documents",
+                )
                 button = gr.Button("Rerank", variant="primary", elem_id="rerank-button")
             with gr.Column(scale=1):
                 table = gr.Dataframe(
@@ -200,16 +241,18 @@ def build_ui(
                     elem_id="results",
                 )
                 status = gr.Markdown(elem_id="status")
+                matches = gr.HTML(elem_id="matches")
         gr.Examples(examples=_EXAMPLES, inputs=[query, documents, template], label="Examples")
         template.change(_template_info, inputs=template, outputs=template_info, api_visibility="private")
-        inputs = [query, documents, template, custom, top_n]
-        button.click(on_rerank, inputs=inputs, outputs=[table, status], api_name="rerank")
-        query.submit(on_rerank, inputs=inputs, outputs=[table, status], api_visibility="private")
+        inputs = [query, documents, template, custom, top_n, long_documents]
+        outputs = [table, status, matches]
+        button.click(on_rerank, inputs=inputs, outputs=outputs, api_name="rerank")
+        query.submit(on_rerank, inputs=inputs, outputs=outputs, api_visibility="private")
     return page
 
 
 def launch_ui(
-    reranker: Any,
+    reranker: Scorer,
     *,
     host: str = "127.0.0.1",
     port: int = 7860,
