@@ -70,3 +70,78 @@ def test_long_mode_off_is_the_model_card_truncation(reranker):
     assert doc.metadata["relevance_score"] == pytest.approx(short, abs=1e-6)
     [doc] = on.compress_documents([Document(page_content=POLICY)], QUERY)
     assert doc.metadata["relevance_score"] >= short - 1e-6  # windows can only raise a score
+
+
+# ------------------------------------------------------------------ over HTTP
+
+
+@pytest.fixture(scope="module")
+def service_url(reranker):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from qwen3_rerank_plugins.server import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(reranker.with_settings(max_length=200)), log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def test_http_max_chunks_per_doc_reads_windows_and_returns_the_span(service_url, reranker):
+    import httpx
+
+    engine = reranker.with_settings(max_length=200, long_documents=True, max_windows=8)
+    body = {"query": QUERY, "documents": [POLICY, SHORT], "max_chunks_per_doc": 8}
+    answer = httpx.post(f"{service_url}/v1/rerank", json=body, timeout=60).json()
+    expected = {r.index: r for r in engine.rerank(QUERY, [POLICY, SHORT])}
+    for item in answer["results"]:
+        r = expected[item["index"]]
+        assert item["relevance_score"] == pytest.approx(r.score, abs=1e-6)
+        assert item.get("span") == (None if r.span is None else {"start": r.span[0], "end": r.span[1]})
+    assert answer["usage"]["prompt_tokens"] == engine.count_tokens(QUERY, [POLICY, SHORT])  # every window
+    ranked = httpx.post(
+        f"{service_url}/rank",
+        json={"query": QUERY, "documents": [{"id": "p", "text": POLICY}], "max_chunks_per_doc": 8},
+        timeout=60,
+    ).json()
+    assert ranked["results"][0]["span"] == {"start": expected[0].span[0], "end": expected[0].span[1]}
+    # Without the field: the model card's truncation, no span.
+    plain = httpx.post(
+        f"{service_url}/v1/rerank", json={"query": QUERY, "documents": [POLICY]}, timeout=60
+    ).json()
+    assert "span" not in plain["results"][0]
+    short = reranker.with_settings(max_length=200).score(QUERY, [POLICY])[0]
+    assert plain["results"][0]["relevance_score"] == pytest.approx(short, abs=1e-6)
+    bad = httpx.post(f"{service_url}/v1/rerank", json={**body, "max_chunks_per_doc": 0}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "max_chunks_per_doc"
+
+
+def test_http_query_that_leaves_no_room_is_a_422_naming_query(service_url):
+    import httpx
+
+    answer = httpx.post(
+        f"{service_url}/v1/rerank", json={"query": "很长的问题" * 2000, "documents": ["a", "b"]}, timeout=60
+    )
+    assert answer.status_code == 422
+    assert answer.json()["error"]["param"] == "query"
+    assert "max_length" in answer.json()["error"]["message"]
+    cut = httpx.post(
+        f"{service_url}/v1/rerank",
+        json={"query": "很长的问题" * 2000, "documents": ["a", "b"], "max_tokens_per_query": 20},
+        timeout=60,
+    )
+    assert cut.status_code == 200

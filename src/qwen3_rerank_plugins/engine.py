@@ -19,6 +19,7 @@ The scoring surface (``score``, ``rerank``, ``rank``, async twins, fallback) is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -261,10 +262,16 @@ class Reranker(BaseReranker):
         query: str,
         documents: Sequence[Document],
         instruction: str | InstructionTemplate | None = None,
+        **limits: Any,
     ) -> int:
         """Prompt tokens the model reads for these pairs (after truncation, template included;
-        every window of a long document counted)."""
-        return self._encode(self._group(query, documents, instruction)).tokens
+        every window of a long document counted).
+
+        ``limits`` are the per-call caps of a :class:`~qwen3_rerank_plugins.protocol.ScoreGroup`
+        (``max_query_tokens``, ``max_doc_tokens``, ``long_documents``, ``max_windows``).
+        """
+        group = dataclasses.replace(self._group(query, documents, instruction), **limits)
+        return self._encode(self._checked_groups([group])[0]).tokens
 
     # -- the backend primitive ------------------------------------------------------------------
 
@@ -328,6 +335,7 @@ class Reranker(BaseReranker):
         )
         max_doc = group.max_doc_tokens if group.max_doc_tokens is not None else settings.max_doc_tokens
         windows = group.long_documents if group.long_documents is not None else settings.long_documents
+        max_windows = group.max_windows if group.max_windows is not None else settings.max_windows
 
         budget = settings.max_length - len(core.prefix_ids) - len(core.suffix_ids)
         head = self._head_ids(instruction, group.query, budget, max_query)
@@ -337,7 +345,7 @@ class Reranker(BaseReranker):
         if windows and settings.window_tokens is not None:
             room = min(room, settings.window_tokens)
         stride = max(room - settings.window_overlap, 1)
-        readable = room + (settings.max_windows - 1) * stride if windows else room
+        readable = room + (max_windows - 1) * stride if windows else room
         texts = [core.cut_for_tokens(format_document(t), readable + 1) for t in group.texts]
         suffix = core.suffix_ids
         documents: list[list[tuple[list[int], tuple[int, int] | None]]] = []
@@ -349,7 +357,7 @@ class Reranker(BaseReranker):
                     continue
                 truncated += 1
                 parts = []
-                for begin in range(0, len(ids), stride)[: settings.max_windows]:
+                for begin in range(0, len(ids), stride)[:max_windows]:
                     end = min(begin + room, len(ids))
                     # Offsets count the leading space of " {document}"; spans are in the document.
                     span = (max(offsets[begin][0] - 1, 0), max(offsets[end - 1][1] - 1, 0))

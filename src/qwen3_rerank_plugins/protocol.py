@@ -15,7 +15,7 @@ from .results import ConfidenceBands, FallbackRerank, RerankResult
 from .templates import InstructionTemplate
 from .validation import Document
 
-__all__ = ["GroupScores", "ScoreGroup", "Scorer"]
+__all__ = ["GroupScores", "LocalScorer", "ScoreGroup", "Scorer"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class ScoreGroup:
             backend's setting).
         max_doc_tokens: Cut each document to this many tokens (``None``: the backend's setting).
         long_documents: Read long documents in windows (``None``: the backend's setting).
+        max_windows: Most windows read per long document (``None``: the backend's setting);
+            Cohere's ``max_chunks_per_doc``.
     """
 
     query: str
@@ -42,6 +44,7 @@ class ScoreGroup:
     max_query_tokens: int | None = None
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
+    max_windows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,3 +147,20 @@ class Scorer(Protocol):
         *,
         generalize: Callable[[str], str] | None = None,
     ) -> FallbackRerank: ...
+
+
+@runtime_checkable
+class LocalScorer(Scorer, Protocol):
+    """A :class:`Scorer` whose model runs in this process and can count the tokens it reads
+    (what the HTTP service needs to enforce its token budget)."""
+
+    @property
+    def max_length(self) -> int: ...
+
+    def count_tokens(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        instruction: str | InstructionTemplate | None = None,
+        **limits: Any,
+    ) -> int: ...

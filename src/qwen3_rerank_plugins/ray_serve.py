@@ -136,6 +136,7 @@ class RerankDeployment:
                     score=self._scored,
                     max_documents=self.max_documents,
                     model_name=self.model_name,
+                    default_instruction=self.reranker.instruction,
                 )
                 return JSONResponse(payload)
             if method == "POST" and path == "/rank":
@@ -147,6 +148,7 @@ class RerankDeployment:
                     bands=self.bands,
                     max_documents=self.max_documents,
                     model_name=self.model_name,
+                    default_instruction=self.reranker.instruction,
                 )
                 return JSONResponse(payload)
             raise RequestError(f"no endpoint {method} {path}", status_code=404, type="not_found")
@@ -171,23 +173,23 @@ class RerankDeployment:
         check_bearer(request.headers.get("authorization"), self.api_key)
 
     async def _scored(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool
-    ) -> tuple[list[float], int | None]:
-        outcome = await self._score(ScoreRequest(query, texts, instruction, count_tokens))
+        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
+    ) -> tuple[list[float], int | None, list[tuple[int, int] | None] | None]:
+        outcome = await self._score(ScoreRequest(query, texts, instruction, count_tokens, **limits))
         if isinstance(outcome, (ValueError, TypeError)):
-            raise RequestError(str(outcome), status_code=422)
+            raise RequestError(str(outcome), status_code=422, param=getattr(outcome, "param", None))
         if isinstance(outcome, Exception):
             logger.error("scoring failed: %s: %s", type(outcome).__name__, outcome)
             raise RequestError(
                 f"scoring failed: {type(outcome).__name__}: {outcome}", status_code=500, type="internal_error"
             )
-        return outcome.logits, outcome.total_tokens
+        return outcome.logits, outcome.total_tokens, outcome.spans
 
     # -- batching -------------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score(self, requests: list[ScoreRequest]) -> list[ScoredRequest | Exception]:
-        """Concurrent requests of this replica, merged: one engine call per instruction."""
+        """Concurrent requests of this replica, merged into one engine call (across queries)."""
         return await asyncio.to_thread(score_requests, self.reranker, requests)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -355,18 +356,10 @@ class BaseReranker:
             instruction = None if group.instruction is None else resolve_instruction(group.instruction)
             check_optional_positive_int(group.max_query_tokens, f"groups[{i}].max_query_tokens")
             check_optional_positive_int(group.max_doc_tokens, f"groups[{i}].max_doc_tokens")
+            check_optional_positive_int(group.max_windows, f"groups[{i}].max_windows")
             if group.long_documents is not None:
                 check_bool(group.long_documents, f"groups[{i}].long_documents")
-            if texts is not group.texts or instruction != group.instruction:
-                group = ScoreGroup(
-                    group.query,
-                    texts,
-                    instruction,
-                    group.max_query_tokens,
-                    group.max_doc_tokens,
-                    group.long_documents,
-                )
-            out.append(group)
+            out.append(dataclasses.replace(group, texts=texts, instruction=instruction))
         return out
 
     def _ranked(

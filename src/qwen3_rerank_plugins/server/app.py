@@ -27,8 +27,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..protocol import LocalScorer, Scorer
 from ..results import ConfidenceBands
 from ..server_defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_TOKENS
+from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -242,7 +244,14 @@ def create_app(
             )
         try:
             if max_request_tokens is not None:
-                await _check_token_budget(state.reranker, query, texts, instruction, max_request_tokens)
+                await _check_token_budget(
+                    state.reranker,
+                    query,
+                    texts,
+                    instruction,
+                    max_request_tokens,
+                    **limits,
+                )
             scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens, **limits)
         except RequestError:
             raise
@@ -260,6 +269,8 @@ def create_app(
                 type="shutting_down",
                 headers={"Retry-After": _RETRY_AFTER_BUSY},
             ) from exc
+        except InputTooLongError as exc:
+            raise RequestError(str(exc), status_code=422, param=exc.param) from exc
         except (ValueError, TypeError) as exc:
             raise RequestError(str(exc), status_code=422) from exc
         except Exception as exc:
@@ -267,7 +278,7 @@ def create_app(
             raise RequestError(
                 f"scoring failed: {type(exc).__name__}: {exc}", status_code=500, type="internal_error"
             ) from exc
-        return scored.logits, scored.total_tokens
+        return scored.logits, scored.total_tokens, scored.spans
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -424,9 +435,9 @@ async def _disconnect(request: Request) -> None:
 
 def _check_servable(reranker: Any) -> None:
     """The service scores with a local engine; a remote one already has a service behind it."""
-    if not hasattr(reranker, "score_pairs"):
+    if not isinstance(reranker, Scorer):
         raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
-    if not hasattr(reranker, "count_tokens"):
+    if not isinstance(reranker, LocalScorer):
         raise TypeError(
             f"create_app serves a local Reranker, not a {type(reranker).__name__}: point clients at "
             "the service that one talks to instead"
@@ -477,27 +488,23 @@ class _MetricsMiddleware:
 
 
 async def _check_token_budget(
-    reranker: Any,
-    query: str,
-    texts: list[str],
-    instruction: str | None,
-    budget: int,
-    max_doc_tokens: int | None = None,
+    reranker: Any, query: str, texts: list[str], instruction: str | None, budget: int, **limits: Any
 ) -> None:
     """Refuse, before it is queued, a request that would make the model read over ``budget`` tokens.
 
-    Unless the engine reads long documents in several windows, every prompt is cut to its
-    ``max_length``, so most requests pass on ``len(texts) * max_length`` alone, without
-    tokenising anything here.
+    Unless long documents are read in several windows, every prompt is cut to ``max_length``, so
+    most requests pass on ``len(texts) * max_length`` alone, without tokenising anything here.
+    ``limits`` are the request's own caps (``max_doc_tokens``, ``long_documents``, ...), counted
+    as the engine will apply them.
 
     Raises:
         RequestError: 413 ``too_many_tokens`` naming ``documents``.
     """
-    max_length = _prompt_cap(reranker)
+    max_length = None if limits.get("long_documents") else _prompt_cap(reranker)
     if max_length is not None and len(texts) * max_length <= budget:
         return
     tokens = await asyncio.to_thread(
-        _prompt_tokens, reranker, query, texts, instruction, max_length, max_doc_tokens, budget
+        _prompt_tokens, reranker, query, texts, instruction, max_length, budget, limits
     )
     if tokens > budget:
         cut = f", each document cut to max_length={max_length}" if max_length is not None else ""
@@ -529,22 +536,21 @@ def _prompt_tokens(
     texts: list[str],
     instruction: str | None,
     max_length: int | None,
-    max_doc_tokens: int | None,
     budget: int,
+    limits: dict[str, Any],
 ) -> int:
     """Runs in a worker thread: a bound of the request's prompt tokens when it is within
-    ``budget``, else the engine's count (which does not apply the request's own token caps, so it
-    may count more than the model will read, never less)."""
+    ``budget``, else the engine's exact count (with the request's caps)."""
     if max_length is not None:
         # A token covers at least one byte of text, and each prompt is cut to max_length.
-        overhead = reranker.count_tokens(query, [""], instruction)  # template, instruction and query
-        doc_cap = max_doc_tokens if max_doc_tokens is not None else max_length
+        overhead = reranker.count_tokens(query, [""], instruction, **limits)  # template, instruction, query
+        doc_cap = limits.get("max_doc_tokens") or max_length
         bound = sum(
             min(max_length, overhead + min(doc_cap, len(t.encode("utf-8", "surrogatepass")))) for t in texts
         )
         if bound <= budget:
             return bound
-    return int(reranker.count_tokens(query, texts, instruction))
+    return int(reranker.count_tokens(query, texts, instruction, **limits))
 
 
 class _BodyTimeoutMiddleware:

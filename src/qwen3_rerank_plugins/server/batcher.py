@@ -67,6 +67,7 @@ class _Pending:
     max_query_tokens: int | None = None
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
+    max_windows: int | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -141,10 +142,11 @@ class MicroBatcher:
         max_query_tokens: int | None = None,
         max_doc_tokens: int | None = None,
         long_documents: bool | None = None,
+        max_windows: int | None = None,
     ) -> ScoredRequest:
         """Queue one request and wait for its scores.
 
-        ``max_query_tokens``, ``max_doc_tokens`` and ``long_documents`` override the engine's
+        ``max_query_tokens``, ``max_doc_tokens``, ``long_documents`` and ``max_windows`` override the engine's
         settings for this request (see :class:`~qwen3_rerank_plugins.protocol.ScoreGroup`).
 
         Raises:
@@ -166,6 +168,7 @@ class MicroBatcher:
                 max_query_tokens,
                 max_doc_tokens,
                 long_documents,
+                max_windows,
             )
         )
         self._wakeup.set()
@@ -247,6 +250,10 @@ class ScoreRequest(NamedTuple):
     texts: list[str]
     instruction: str | None
     count_tokens: bool = True
+    max_query_tokens: int | None = None
+    max_doc_tokens: int | None = None
+    long_documents: bool | None = None
+    max_windows: int | None = None
 
 
 def score_requests(
@@ -263,7 +270,7 @@ def score_requests(
         reranker: What scores (a :class:`~qwen3_rerank_plugins.protocol.Scorer`).
         requests: Objects with ``query``, ``texts``, ``instruction`` and ``count_tokens``
             attributes (such as :class:`ScoreRequest`), and optionally ``max_query_tokens``,
-            ``max_doc_tokens`` and ``long_documents``.
+            ``max_doc_tokens``, ``long_documents`` and ``max_windows``.
         observer: Called after each engine call with (requests merged, pairs, seconds).
 
     Returns:
@@ -296,6 +303,7 @@ def _score_together(
             max_query_tokens=getattr(item, "max_query_tokens", None),
             max_doc_tokens=getattr(item, "max_doc_tokens", None),
             long_documents=getattr(item, "long_documents", None),
+            max_windows=getattr(item, "max_windows", None),
         )
         for item in items
     ]

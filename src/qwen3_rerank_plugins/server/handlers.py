@@ -43,15 +43,17 @@ class ScoreFn(Protocol):
     """How a front end scores one request.
 
     ``await score(query, texts, instruction, count_tokens, **limits)`` -> ``(logits in input
-    order, tokens)``; ``tokens`` may be ``None`` when ``count_tokens`` is false. ``limits`` holds
-    only the request's token caps that are set (``max_doc_tokens``, ``max_query_tokens``: the
+    order, tokens, spans)``; ``tokens`` may be ``None`` when ``count_tokens`` is false, ``spans``
+    is ``None`` unless a document was read in windows (then the best window's ``(start, end)``
+    per document, ``None`` for those read whole). ``limits`` holds only the request's caps that
+    are set (``max_doc_tokens``, ``max_query_tokens``, ``long_documents``, ``max_windows``: the
     engine's keywords), so a request without any calls it with four arguments. Raises
     :class:`RequestError`.
     """
 
     def __call__(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
-    ) -> Awaitable[tuple[list[float], int | None]]: ...
+        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
+    ) -> Awaitable[tuple[list[float], int | None, list[tuple[int, int] | None] | None]]: ...
 
 
 TEI_PATH = "/rerank"
@@ -163,7 +165,7 @@ async def rerank_response(
     """
     if path.rstrip("/") == TEI_PATH and "texts" in body and "documents" not in body:
         tei = parse_tei(body, max_documents=max_documents)
-        logits, _ = await score(tei.query, tei.texts, tei.instruction, False, **tei.limits.as_kwargs())
+        logits, _, _ = await score(tei.query, tei.texts, tei.instruction, False, **tei.limits.as_kwargs())
         out = []
         for r in rank_results(logits, tei.texts, bands=_NO_BANDS, top_n=tei.top_n):
             item: dict[str, Any] = {"index": r.index, "score": r.logit if tei.raw_scores else r.score}
@@ -172,11 +174,13 @@ async def rerank_response(
             out.append(item)
         return out
     req = parse_rerank(body, max_documents=max_documents)
-    logits, tokens = await score(req.query, req.texts, req.instruction, True, **req.limits.as_kwargs())
+    logits, tokens, spans = await score(req.query, req.texts, req.instruction, True, **req.limits.as_kwargs())
     documents = req.documents if req.documents is not None else req.texts
     results = []
-    for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n):
+    for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n, spans=spans):
         item = {"index": r.index, "relevance_score": r.logit if req.raw_scores else r.score}
+        if r.span is not None:  # the best window of a long document (max_chunks_per_doc)
+            item["span"] = {"start": r.span[0], "end": r.span[1]}
         if req.return_documents:
             # Cohere, Jina and vLLM clients read {"text": ...}; an object comes back whole.
             item["document"] = {"text": r.document} if isinstance(r.document, str) else r.document
@@ -227,8 +231,8 @@ async def rank_response(
     req = parse_rank(body, max_documents=max_documents)
 
     async def attempt(query: str) -> RerankAttempt:
-        logits, _ = await score(query, req.texts, req.instruction, False, **req.limits.as_kwargs())
-        return _attempt(req, query, logits, bands)
+        logits, _, spans = await score(query, req.texts, req.instruction, False, **req.limits.as_kwargs())
+        return _attempt(req, query, logits, bands, spans)
 
     first = await attempt(req.query)
     extra: dict[str, Any] = {}
@@ -242,17 +246,26 @@ async def rank_response(
             "used_query": final.query,
             "needs_review": outcome.needs_review,
         }
-    results = [
-        {"id": req.ids[r.index], "index": r.index, "score": r.score, "band": r.band} for r in final.results
-    ]
+    results = []
+    for r in final.results:
+        item: dict[str, Any] = {"id": req.ids[r.index], "index": r.index, "score": r.score, "band": r.band}
+        if r.span is not None:
+            item["span"] = {"start": r.span[0], "end": r.span[1]}
+        results.append(item)
     meta = {"instruction": instruction_meta(req.instruction, default_instruction)}
     return {"model": model_name, "results": results, **extra, "meta": meta}
 
 
-def _attempt(req: RankRequest, query: str, logits: list[float], bands: ConfidenceBands) -> RerankAttempt:
+def _attempt(
+    req: RankRequest,
+    query: str,
+    logits: list[float],
+    bands: ConfidenceBands,
+    spans: list[tuple[int, int] | None] | None,
+) -> RerankAttempt:
     """One ``/rank`` pass as the library's :class:`RerankAttempt` (best score over all documents)."""
     documents = [{"id": doc_id, "text": text} for doc_id, text in zip(req.ids, req.texts, strict=True)]
-    results = rank_results(logits, documents, bands=bands, top_n=req.top_n)
+    results = rank_results(logits, documents, bands=bands, top_n=req.top_n, spans=spans)
     best = sigmoid(max(logits)) if logits else None
     return RerankAttempt(
         query=query,

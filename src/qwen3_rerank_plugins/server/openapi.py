@@ -65,9 +65,7 @@ _TEXT_UNLESS_RANK_FIELDS = {
     "if": {"required": ["rank_fields"], "properties": {"rank_fields": {"type": "array"}}},
     "else": {
         "properties": {
-            "documents": {
-                "items": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["text"]}]}
-            }
+            "documents": {"items": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["text"]}]}}
         }
     },
 }
@@ -100,6 +98,11 @@ class RerankRequest(_Open):
     )
     truncate_prompt_tokens: Literal[-1] | TokenCount | None = Field(
         None, description="vLLM's field: accepted; prompts are cut to the service's max_length"
+    )
+    max_chunks_per_doc: TokenCount | None = Field(
+        None,
+        description="Cohere v1: read a document longer than the budget in up to this many overlapping "
+        "windows; it scores by its best window, whose character span comes back as `span`",
     )
 
 
@@ -139,6 +142,9 @@ class RankRequest(_Open):
     fallback: Flag = Field(None, description="Retry a low-confidence query generalized (default false)")
     max_tokens_per_doc: TokenCount | None = None
     max_tokens_per_query: TokenCount | None = None
+    max_chunks_per_doc: TokenCount | None = Field(
+        None, description="Read long documents in up to this many windows (see /v1/rerank)"
+    )
 
 
 class Usage(BaseModel):
@@ -165,9 +171,17 @@ class RerankMeta(BaseModel):
     instruction: InstructionMeta
 
 
+class Span(BaseModel):
+    """Character offsets, in the document's text, of the window that gave a long document its score."""
+
+    start: int
+    end: int
+
+
 class RerankResult(BaseModel):
     index: int
     relevance_score: float = Field(description="P(yes) in [0, 1], or log-odds with raw_scores")
+    span: Span | None = Field(None, description="With max_chunks_per_doc: the best window of a long document")
     document: dict[str, Any] | None = Field(
         None, description="With return_documents: {'text': ...} for a string, else the object sent"
     )
@@ -192,6 +206,7 @@ class RankResult(BaseModel):
     index: int
     score: float
     band: Literal["high", "medium", "low"]
+    span: Span | None = Field(None, description="With max_chunks_per_doc: the best window of a long document")
 
 
 class FallbackInfo(BaseModel):

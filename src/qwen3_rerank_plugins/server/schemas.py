@@ -83,14 +83,27 @@ class TokenLimits:
             template is never cut); ``None``: the service's setting.
         max_query_tokens: ``max_tokens_per_query``: cut the instruction + query to this many
             tokens; ``None``: the service's setting.
+        max_windows: ``max_chunks_per_doc`` (Cohere v1): read a long document in up to this many
+            windows and score it by the best; ``None``: the service's setting.
     """
 
     max_doc_tokens: int | None = None
     max_query_tokens: int | None = None
+    max_windows: int | None = None
 
-    def as_kwargs(self) -> dict[str, int]:
-        """The caps that are set, as keyword arguments of the scoring function."""
-        out = {"max_doc_tokens": self.max_doc_tokens, "max_query_tokens": self.max_query_tokens}
+    def as_kwargs(self) -> dict[str, Any]:
+        """The caps that are set, as keyword arguments of the scoring function.
+
+        ``max_windows`` (Cohere v1's ``max_chunks_per_doc``) also switches on the long-document
+        mode: a document longer than the budget is read in up to that many windows, scored by
+        the best.
+        """
+        out: dict[str, Any] = {
+            "max_doc_tokens": self.max_doc_tokens,
+            "max_query_tokens": self.max_query_tokens,
+        }
+        if self.max_windows is not None:
+            out.update(long_documents=True, max_windows=self.max_windows)
         return {name: value for name, value in out.items() if value is not None}
 
 
@@ -297,6 +310,7 @@ def _limits(body: Mapping[str, Any]) -> TokenLimits:
     return TokenLimits(
         max_doc_tokens=_token_cap(body, "max_tokens_per_doc"),
         max_query_tokens=_token_cap(body, "max_tokens_per_query"),
+        max_windows=_token_cap(body, "max_chunks_per_doc"),
     )
 
 
