@@ -8,7 +8,8 @@
 #      a time) and engine-batched (a workload in one score_groups call): pairs/s, MFU,
 #      max_memory_allocated, the 10-document latency p50/p95;
 #   3. the HTTP service under 1, 8, 32 and 128 concurrent clients;
-#   4. forward passes of 32 merged requests x 10 FAQ documents.
+#   4. forward passes of 32 merged requests x 10 FAQ documents;
+#   5. W4 (long documents) with the long-document mode off and on.
 #
 # Usage:
 #   bash benchmarks/gpu.sh                    # on the GPU machine (figures under $OUT or benchmarks/.work/gpu)
@@ -64,6 +65,10 @@ timeout 150 python3 benchmarks/service_throughput.py --device "$DEVICE" --demo-s
 
 step "4. forward passes of 32 merged requests x 10 FAQ documents"
 python3 benchmarks/forward_passes.py 2>&1 | tail -6 | tee "$OUT_DIR/forward_passes.md" || status=1
+
+step "5. W4 with the long-document mode off and on"
+python3 benchmarks/long_documents.py --device "$DEVICE" --shape "$SHAPE" --sizes "${SIZES/quick/cpu}" \
+    --max-length 2048 2>&1 | tail -6 | tee "$OUT_DIR/long_documents.md" || status=1
 
 echo
 echo "figures in $OUT_DIR; status $status"
