@@ -46,10 +46,17 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 
 from .results import ConfidenceBands  # noqa: E402
-from .server.app import DEFAULT_MAX_BODY_BYTES  # noqa: E402
 from .server.batcher import ScoredRequest, ScoreRequest, score_requests  # noqa: E402
 from .server.handlers import check_bearer, rank_response, read_json, rerank_response  # noqa: E402
 from .server.schemas import RequestError, error_body  # noqa: E402
+from .server_defaults import (  # noqa: E402
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_DOCUMENTS,
+    DEFAULT_RAY_MAX_BATCH_SIZE,
+)
+from .settings import DEFAULT_MAX_LENGTH  # noqa: E402
+from .validation import check_positive_int  # noqa: E402
 
 __all__ = ["RerankDeployment", "app_builder", "build_app", "serve_ray"]
 
@@ -83,14 +90,14 @@ class RerankDeployment:
         device: str = "auto",
         dtype: str = "auto",
         source: str = "auto",
-        max_length: int = 8192,
+        max_length: int = DEFAULT_MAX_LENGTH,
         instruction: str | None = None,
-        bands: tuple[float, float] = (0.85, 0.70),
+        bands: tuple[float, float] = (ConfidenceBands.high, ConfidenceBands.medium),
         api_key: str | None = None,
-        max_documents: int = 1000,
+        max_documents: int = DEFAULT_MAX_DOCUMENTS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_batch_size: int = 16,
-        batch_wait_ms: float = 2.0,
+        max_batch_size: int = DEFAULT_RAY_MAX_BATCH_SIZE,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         model_name: str | None = None,
     ) -> None:
         from .registry import get_reranker
@@ -187,7 +194,7 @@ class RerankDeployment:
 
     # -- batching -------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=DEFAULT_RAY_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
     async def _score(self, requests: list[ScoreRequest]) -> list[ScoredRequest | Exception]:
         """Concurrent requests of this replica, merged into one engine call (across queries)."""
         return await asyncio.to_thread(score_requests, self.reranker, requests)
@@ -257,8 +264,7 @@ def build_app(
     if replicas is None:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
         replicas = max(1, int(gpus / resources["num_gpus"])) if resources["num_gpus"] and gpus else 1
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    check_positive_int(replicas, "replicas")
     config: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max_ongoing_requests}
     if max_queued_requests is not None:
         config["max_queued_requests"] = max_queued_requests
