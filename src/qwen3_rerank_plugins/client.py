@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
-from .validation import check_top_n
+from .validation import check_positive_int, check_top_n
 
 httpx = require("httpx", "server", "The rerank service client")
 
@@ -424,9 +424,8 @@ class _ClientSettings:
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
-        for name, value in (("batch_size", batch_size), ("max_concurrency", max_concurrency)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(max_concurrency, "max_concurrency")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
         self.base_url = base_url.rstrip("/")
