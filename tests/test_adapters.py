@@ -229,8 +229,8 @@ REMOTE_TEXTS = TEXTS[:6]
 
 @pytest.fixture(scope="module")
 def service_url(reranker: Reranker):
+    from helpers import live_server
     from qwen3_rerank_plugins.server import create_app
-    from test_client import live_server
 
     with live_server(create_app(reranker)) as url:
         yield url
@@ -287,10 +287,10 @@ def test_base_url_rejects_settings_that_belong_to_the_server(service_url, rerank
 
 
 def test_unreachable_service_is_a_clear_error():
+    from helpers import closed_port_url
     from qwen3_rerank_plugins.client import RerankServiceError
-    from test_client import _closed_port_url
 
-    compressor = Qwen3RerankCompressor(base_url=_closed_port_url(), top_n=1)
+    compressor = Qwen3RerankCompressor(base_url=closed_port_url(), top_n=1)
     with pytest.raises(RerankServiceError, match="could not reach"):
         compressor.compress_documents([Document("x")], "q")
 
@@ -368,8 +368,8 @@ class _LoopWatch:
 
 
 async def test_async_reranking_on_a_remote_service_does_not_block_the_event_loop(reranker):
+    from helpers import live_server
     from qwen3_rerank_plugins.server import create_app
-    from test_client import live_server
 
     watch = _LoopWatch(create_app(reranker))
     done = False

@@ -8,20 +8,17 @@ is a port nobody listens on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
-import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
+from helpers import FAST, Front, live_server
+from helpers import closed_port_url as _closed_port_url
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.client import (
     AsyncRerankClient,
@@ -40,88 +37,7 @@ DOCS = [
     "",
     "退货政策：签收后7天内可无理由退货。",
 ]
-FAST = RetryPolicy(max_retries=3, backoff=0.01, max_backoff=0.05)
 TOL = 1e-6
-
-
-@contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a thread, on a pre-bound free port of 127.0.0.1; yield its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-class Front:
-    """ASGI front: records every request, fails the first POSTs as told, then passes them on.
-
-    Args:
-        app: The real service.
-        failures: Statuses to answer the first POSTs with, in order.
-        retry_after: ``Retry-After`` header sent with each failure, if any.
-        delay: Seconds to wait before answering a POST (a slow server).
-    """
-
-    def __init__(
-        self, app: Any, failures: tuple[int, ...] = (), retry_after: str | None = None, delay: float = 0.0
-    ) -> None:
-        self.app = app
-        self.failures = list(failures)
-        self.retry_after = retry_after
-        self.delay = delay
-        self.posts: list[tuple[float, str, int]] = []  # (arrival, path, documents in the body)
-        self.client_ports: set[int] = set()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        self.client_ports.add(scope["client"][1])
-        if scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.posts.append((time.monotonic(), scope["path"], len(json.loads(raw).get("documents", []))))
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.failures:
-            status = self.failures.pop(0)
-            headers = [(b"content-type", b"application/json")]
-            if self.retry_after is not None:
-                headers.append((b"retry-after", self.retry_after.encode()))
-            body = {"error": {"message": f"injected {status}", "type": "injected", "param": None}}
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-            return
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        await self.app(scope, replay, send)
 
 
 @pytest.fixture
@@ -145,13 +61,6 @@ def _engine_ranking(
 def _assert_same(hits: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
     assert [i for i, _ in hits] == [i for i, _ in expected]
     assert [s for _, s in hits] == pytest.approx([s for _, s in expected], abs=TOL)
-
-
-def _closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 # -- the happy path -----------------------------------------------------------------------------

@@ -9,17 +9,14 @@ the field), string booleans, ``rank_fields``, token caps, TEI's ``top_n`` and ``
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import cohere
 import httpx
 import pytest
-import uvicorn
 
+from helpers import ServerThread
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -30,33 +27,6 @@ DOCS = [
     "退货政策：签收后7天内可无理由退货，商品需保持完好。",
 ]
 API_KEY = "contract-key"
-
-
-class ServerThread:
-    """A uvicorn server on its own thread, bound to a free port on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

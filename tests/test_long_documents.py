@@ -6,6 +6,7 @@ import pytest
 from langchain_core.documents import Document
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
+from helpers import ServerThread
 from qwen3_rerank_plugins.langchain import Qwen3RerankCompressor
 from qwen3_rerank_plugins.llama_index import Qwen3Rerank
 
@@ -77,28 +78,10 @@ def test_long_mode_off_is_the_model_card_truncation(reranker):
 
 @pytest.fixture(scope="module")
 def service_url(reranker):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from qwen3_rerank_plugins.server import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(reranker.with_settings(max_length=200)), log_config=None, access_log=False)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with ServerThread(create_app(reranker.with_settings(max_length=200))) as server:
+        yield server.url
 
 
 def test_http_max_chunks_per_doc_reads_windows_and_returns_the_span(service_url, reranker):

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import ServerThread
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
-from test_http_contract import ServerThread
 
 API_KEY = "openapi-key"
 MAX_DOCUMENTS = 16

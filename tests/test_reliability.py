@@ -13,14 +13,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import ServerThread, wait_for
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -30,39 +29,6 @@ DOCS = [
     "[FAQ] 订单发货时间：付款后48小时内发货，可在“我的订单”中查看物流。",
     "[Policy] Refunds are issued to the original payment method within 7 business days.",
 ]
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on its own thread, on a pre-bound free port of 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        _wait_for(lambda: self.server.started or not self.thread.is_alive(), 30, "the server to start")
-        assert self.thread.is_alive(), "the test server did not start"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -290,7 +256,7 @@ def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
                 with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
                     sock.sendall(_head(path, f"Content-Length: {len(body)}") + body[: len(body) // 2])
                     time.sleep(0.1)  # the server has read the first half
-            _wait_for(
+            wait_for(
                 lambda: (
                     _metrics(server.url).get(_answered("/rank", 499), 0)
                     > before.get(_answered("/rank", 499), 0)

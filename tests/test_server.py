@@ -18,16 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cohere
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import TICKETS, ServerThread, free_port, wait_for
 from qwen3_rerank_plugins import ConfidenceBands, Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -40,42 +40,9 @@ DOCS = [
     "How do I reset my password? Open Settings, choose Security, then Reset password.",
     "",
 ]
-TICKETS = [
-    {"id": "T-1021", "text": "建国路88号小区3号楼电梯故障，居民被困二十分钟"},
-    {"id": 877, "text": "朝阳区建国路某小区电梯多次停运，物业一直未维修"},
-    {"id": "T-0932", "text": "海淀区中关村大街路灯不亮，夜间出行不便"},
-    {"id": "T-1102", "text": "建国路施工噪音扰民，晚上十一点后仍在作业"},
-]
 MAX_DOCUMENTS = 32
 MAX_BODY_BYTES = 64 * 1024
 API_KEY = "s3cret-key"
-
-
-class ServerThread:
-    """A uvicorn server on its own thread, bound to a free port on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -644,11 +611,11 @@ def test_a_request_whose_client_disconnected_is_dropped_before_scoring(reranker:
         port = int(server.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(head.encode() + body)
-            _wait_for(
+            wait_for(
                 lambda: _metrics(client)[("qwen3_rerank_queue_depth", ())] == 1, 30, "the request to queue"
             )
         dropped = "qwen3_rerank_requests_total", (("endpoint", "/v1/rerank"), ("status", "499"))
-        _wait_for(lambda: _metrics(client).get(dropped, 0) == 1, 30, "the server to notice the hang-up")
+        wait_for(lambda: _metrics(client).get(dropped, 0) == 1, 30, "the server to notice the hang-up")
         # Answered after the worker woke: everything queued before it has been handled by then.
         answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:2]})
         after = _metrics(client)
@@ -663,22 +630,9 @@ def test_a_request_whose_client_disconnected_is_dropped_before_scoring(reranker:
 # -- graceful shutdown ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
     # A long merge window keeps the requests queued (in flight) until the signal has been sent.
@@ -695,7 +649,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir: Path, tmp_path: 
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()
                 return False
 
-        _wait_for(ready, 120, "the server to load the model")
+        wait_for(ready, 120, "the server to load the model", interval=0.1)
         in_flight = 8
         responses: list[httpx.Response | BaseException] = []
 
@@ -715,7 +669,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_model_dir: Path, tmp_path: 
             text = httpx.get(f"{url}/metrics", timeout=5).text
             return f"qwen3_rerank_queue_depth {float(in_flight)}" in text
 
-        _wait_for(all_queued, 30, "the requests to be queued")
+        wait_for(all_queued, 30, "the requests to be queued")
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=60)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 from gradio_client import Client
 
+from helpers import free_port
 from qwen3_rerank_plugins import ConfidenceBands, Reranker, list_instruction_templates, resolve_instruction
 from qwen3_rerank_plugins.ui import DEFAULT_TEMPLATE_CHOICE, build_ui, rank_for_ui
 
@@ -50,17 +50,11 @@ def _expected_rows(
     return [[rank, round(r.score, 4), r.band, r.text] for rank, r in enumerate(results, start=1)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page_url(reranker: Reranker) -> Iterator[str]:
     """The page with the demo banner, served by Gradio on 127.0.0.1."""
     page = build_ui(reranker, demo_model=True)
-    port = _free_port()
+    port = free_port()
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -172,6 +166,7 @@ def test_gradio_client_gets_the_error_message(page_url: str) -> None:
 # -- a real browser -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_page_in_headless_chromium(page_url: str, reranker: Reranker) -> None:
     from playwright.sync_api import sync_playwright
