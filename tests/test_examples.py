@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from helpers import free_port
 from qwen3_rerank_plugins.fallback import generalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +54,6 @@ def _jsonl(name: str) -> list[dict]:
 
 def _scores(lines: list[str]) -> list[float]:
     return [float(re.search(r"score (\d\.\d{4})", line).group(1)) for line in lines]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- bundled data -------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ def test_hotline_similar_cases_with_elasticsearch_first_stage() -> None:
 
 @pytest.mark.slow
 def test_web_backend_demo_loads_the_model_once() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(EXAMPLES / "web_backend.py"), "--demo", "--port", str(port)],
         cwd=ROOT,
@@ -302,7 +296,7 @@ def test_web_backend_demo_loads_the_model_once() -> None:
 
 @pytest.mark.slow
 def test_django_backend_demo_loads_the_model_once() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(EXAMPLES / "django_backend.py"), "--demo", "--port", str(port)],
         cwd=ROOT,

@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import TICKETS, ServerThread
+from helpers import TICKETS, ServerThread, free_port
 
 pytest.importorskip("ray.serve", reason="needs the [ray] extra")
 
@@ -51,18 +50,12 @@ DEPLOY_TIMEOUT_S = 240
 TOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_url(tiny_model_dir: Path) -> Iterator[str]:
     """The application on a local 2-CPU Ray cluster: 2 replicas of half a CPU each."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     app = build_app(
         str(tiny_model_dir), replicas=2, num_cpus_per_replica=0.5, num_gpus_per_replica=0, device="cpu"
     )
@@ -86,7 +79,7 @@ def ray_url(tiny_model_dir: Path) -> Iterator[str]:
 def test_serve_ray_starts_replicas_and_stops_on_sigint() -> None:
     """``qwen3-rerank serve --ray`` (or :func:`serve_ray` itself where the command line has no
     ``--ray``) in a process of its own; runs first, before the module's cluster exists."""
-    port = _free_port()
+    port = free_port()
     if _serve_has_ray_flag():
         command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--ray", "--demo", "--device=cpu"]
         command += ["--replicas=2", "--cpus-per-replica=0.5", "--gpus-per-replica=0", f"--port={port}"]

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import free_port, wait_for
 from qwen3_rerank_plugins import Reranker
 
 pytestmark = pytest.mark.slow
@@ -174,20 +174,6 @@ def _check(case: Case, response: httpx.Response) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -207,7 +193,7 @@ def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture
 def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """``qwen3-rerank serve`` over the tiny model, in its own process on a free port."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", str(tiny_model_dir),
@@ -224,7 +210,7 @@ def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subproce
                 except httpx.TransportError:
                     return False
 
-            _wait_for(ready, 120, "the server to load the model")
+            wait_for(ready, 120, "the server to load the model", interval=0.1)
             yield url, proc, log_path
         finally:
             proc.terminate()
