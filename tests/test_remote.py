@@ -16,6 +16,8 @@ import pytest
 import torch
 from fastapi import FastAPI, Request
 
+from helpers import FAST, Front, live_server
+from helpers import closed_port_url as _closed_port_url
 from qwen3_rerank_plugins import (
     ConfidenceBands,
     Reranker,
@@ -26,7 +28,6 @@ from qwen3_rerank_plugins import (
 from qwen3_rerank_plugins.client import RerankServiceError, RetryPolicy
 from qwen3_rerank_plugins.remote import RemoteReranker
 from qwen3_rerank_plugins.server import create_app
-from test_client import FAST, Front, _closed_port_url, live_server
 
 QUERY = "朝阳区建国路电梯又坏了"
 TICKETS = [
