@@ -306,3 +306,20 @@ def test_max_windows_caps_the_cost(reranker):
     encoded = rr._encode(ScoreGroup(FAQ_QUERY, [LONG * 3], rr.instruction))
     assert len(encoded.documents[0]) == 3
     assert rr.count_tokens(FAQ_QUERY, [LONG * 3]) == encoded.tokens == 3 * 160
+
+
+def test_a_bad_request_in_a_merged_batch_fails_alone_and_the_rest_stay_merged(reranker):
+    from qwen3_rerank_plugins import InputTooLongError
+
+    rr = reranker.with_settings(max_length=120)
+    requests = [ScoreRequest(q, d, None) for q, d in _faq_requests(16, 3)]
+    requests[11] = ScoreRequest("很长的问题" * 400, ["a"], None)  # leaves no room for its document
+    calls: list[int] = []
+    outcomes = score_requests(rr, requests, observer=lambda n, pairs, s: calls.append(n))
+    assert isinstance(outcomes[11], InputTooLongError)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        if request is not requests[11]:
+            assert outcome.logits == pytest.approx(
+                rr.score(request.query, request.texts, return_logits=True), abs=TOL
+            )
+    assert sum(calls) == 15 and len(calls) <= 4  # halving: 8 + 4 + 2 + 1 requests, not 15 single calls

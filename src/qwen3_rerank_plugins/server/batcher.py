@@ -262,9 +262,9 @@ def score_requests(
     """Score several requests with one engine call, each failure kept to its request.
 
     The engine batches the documents of all the requests together (across queries and
-    instructions), exactly. When the merged call fails, its requests are scored one by one, so
-    one bad request does not fail its neighbours. Both the plain service's batcher and the Ray
-    Serve replicas call this.
+    instructions), exactly. When the merged call fails, it is halved and retried until the
+    failing requests are alone, so one bad request fails only itself. Both the plain service's
+    batcher and the Ray Serve replicas call this.
 
     Args:
         reranker: What scores (a :class:`~qwen3_rerank_plugins.protocol.Scorer`).
@@ -276,20 +276,20 @@ def score_requests(
     Returns:
         For each request, in order, its :class:`ScoredRequest` or the exception it raised.
     """
+    items = list(requests)
     try:
-        return list(_score_together(reranker, list(requests), observer))
+        return list(_score_together(reranker, items, observer))
     except Exception as exc:
-        if len(requests) == 1:
+        if len(items) == 1:
             return [exc]
-        # Score each request alone so that one failure does not fail its neighbours.
-        logger.warning("a merged batch of %d requests failed (%s); retrying one by one", len(requests), exc)
-    outcomes: list[ScoredRequest | Exception] = []
-    for item in requests:
-        try:
-            outcomes.extend(_score_together(reranker, [item], observer))
-        except Exception as single_exc:
-            outcomes.append(single_exc)
-    return outcomes
+        logger.warning("a merged batch of %d requests failed (%s); finding the failing ones", len(items), exc)
+    # Halve and retry: the failing requests are isolated in about log2(n) merged calls each, and
+    # the others stay batched together (a one-by-one retry would let one bad request turn a
+    # merged batch into n single ones).
+    half = len(items) // 2
+    return score_requests(reranker, items[:half], observer=observer) + score_requests(
+        reranker, items[half:], observer=observer
+    )
 
 
 def _score_together(
