@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -318,3 +319,39 @@ def test_evaluate_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
         cli.main(["evaluate", "x.jsonl", "--k", "1,zero"])
     assert exc.value.code == 2
     assert "expected comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_evaluate_help_lists_its_options_and_the_shared_model_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--first-stage",
+        "--k",
+        "--candidates",
+        "--plot",
+        "--split",
+        "--model",
+        "--demo",
+        "--quiet",
+    ):
+        assert option in out
+
+
+def test_evaluate_holds_no_command_line_code() -> None:
+    """The command lives in cli (which imports evaluate); evaluate never imports cli or argparse."""
+    import qwen3_rerank_plugins.evaluate as module
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):  # lazy imports inside functions included
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            imported.update(f"{'.' * node.level}{alias.name}" for alias in node.names if not node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {name for name in imported if name.lstrip(".").split(".")[-1] == "cli" or name == "argparse"}
+    assert not hasattr(module, "add_parser")

@@ -3,33 +3,54 @@
 Commands:
 
 * ``rank``: rank documents (one per line, from a file or stdin) for a query; table or JSON.
+* ``batch``: rank many queries (JSONL records from a file or stdin), one JSONL ranking per record.
 * ``serve``: the HTTP rerank service (extra ``[server]``).
 * ``ui``: the web page (extra ``[ui]``).
 * ``templates``: list the named instruction templates.
-* ``evaluate``: registered by :mod:`qwen3_rerank_plugins.evaluate` when that module exists.
+* ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking
+  (:mod:`qwen3_rerank_plugins.evaluate` holds the evaluation itself).
 
-Other modules add commands the same way ``evaluate`` does: a function ``add_parser(subparsers)``
-that calls ``subparsers.add_parser(...)``, may reuse :func:`add_model_arguments` and
-:func:`load_reranker`, and sets ``func`` (``args -> exit code``) with ``set_defaults``.
+The option groups several commands share (model, confidence bands, logging) are built once as
+parent parsers; each command adds only its own options.
 
 Errors end the command with ``error: <one line>`` on stderr and exit status 1 (2 for usage
-errors, 130 when interrupted); ``--verbose`` adds the traceback to the log.
+errors, 130 when interrupted, 141 when the reader of stdout went away); a model that cannot be
+found is followed by the command lines to type instead. ``--verbose`` adds the traceback to the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
+import shlex
+import socket
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, NoReturn
 
 from . import __version__
-from .results import ConfidenceBands
+from .evaluate import FIRST_STAGES
+from .results import ConfidenceBands, ranked_order, sigmoid
+from .server_defaults import (
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_GRACEFUL_TIMEOUT_S,
+    DEFAULT_HOST,
+    DEFAULT_MAX_BATCH_PAIRS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_DOCUMENTS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PORT,
+    DEFAULT_RAY_MAX_BATCH_SIZE,
+    DEFAULT_UI_PORT,
+)
 from .sources import ModelSourceError
 from .templates import list_instruction_templates, resolve_instruction
 
@@ -39,8 +60,8 @@ logger = logging.getLogger("qwen3_rerank_plugins.cli")
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 API_KEY_ENV = "QWEN3_RERANK_API_KEY"
-#: Same as ``server.DEFAULT_MAX_BODY_BYTES``; repeated so the parser builds without the [server] extra.
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Pairs the ``batch`` command scores in one engine call (records are never split).
+DEFAULT_CHUNK_PAIRS = 512
 _DEMO_WARNING = (
     "Using the local demo model with RANDOM weights: the pipeline is real, the scores are meaningless. "
     "Pass --model for real scores."
@@ -62,15 +83,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--model | --demo``, ``--device``, ``--dtype``, ``--source``, ``--max-length``."""
+    """Add ``--model`` or ``--demo``, ``--device``, ``--dtype``, ``--source``, ``--max-length``.
+
+    ``--model`` and ``--demo`` exclude each other (checked by :func:`main` after parsing: an
+    argparse mutually exclusive group would lose its place in the help of the commands that
+    inherit it); ``--model`` is ``None`` when not given.
+    """
     group = parser.add_argument_group("model")
-    which = group.add_mutually_exclusive_group()
-    which.add_argument(
+    group.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
         help=f"hub id (Hugging Face / ModelScope) or local directory (default: {DEFAULT_MODEL})",
     )
-    which.add_argument(
+    group.add_argument(
         "--demo",
         action="store_true",
         help="use a tiny demo model built locally with random weights (offline; scores are meaningless)",
@@ -94,7 +118,7 @@ def _verbosity_arguments(parser: argparse.ArgumentParser, *, top_level: bool = F
     """``-v/--verbose`` and ``--quiet``, accepted before and after the command name."""
     # A command's own copy must not reset what was given before the command name.
     default = False if top_level else argparse.SUPPRESS
-    group = parser.add_mutually_exclusive_group()
+    group = parser.add_argument_group("logging") if not top_level else parser
     group.add_argument(
         "-v", "--verbose", action="store_true", default=default, help="debug logging, tracebacks on errors"
     )
@@ -102,12 +126,44 @@ def _verbosity_arguments(parser: argparse.ArgumentParser, *, top_level: bool = F
 
 
 def _bands_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    group = parser.add_argument_group("confidence bands")
+    group.add_argument(
         "--band-high", type=_probability, default=0.85, help="score for the high band (default: 0.85)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--band-medium", type=_probability, default=0.70, help="score for the medium band (default: 0.70)"
     )
+
+
+#: Options that exclude each other, as (dest, dest); checked after parsing.
+_EXCLUSIVE = (("model", "demo"), ("verbose", "quiet"))
+
+
+@dataclass(frozen=True)
+class _SharedOptions:
+    """The option groups several commands inherit, each built once (argparse parent parsers)."""
+
+    model: argparse.ArgumentParser
+    bands: argparse.ArgumentParser
+    logging: argparse.ArgumentParser
+
+    @classmethod
+    def build(cls) -> _SharedOptions:
+        def parent(add: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+            parser = argparse.ArgumentParser(add_help=False)
+            add(parser)
+            return parser
+
+        return cls(
+            model=parent(add_model_arguments),
+            bands=parent(_bands_arguments),
+            logging=parent(_verbosity_arguments),
+        )
+
+
+def _listen_arguments(parser: argparse.ArgumentParser, *, port: int, host_help: str) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"{host_help} (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=_port, default=port, help=f"TCP port (default: {port})")
 
 
 def _bands(args: argparse.Namespace) -> ConfidenceBands:
@@ -125,7 +181,7 @@ def load_reranker(args: argparse.Namespace, *, model: Any = None, **settings: An
         model: Load this model instead of the one ``--model`` / ``--demo`` names.
         **settings: Further :class:`~qwen3_rerank_plugins.Reranker` settings.
     """
-    from .engine import get_reranker
+    from . import get_reranker
 
     if model is None:
         model = _model_path(args)
@@ -154,7 +210,7 @@ def _model_path(args: argparse.Namespace) -> Any:
 
         logger.warning(_DEMO_WARNING)
         return demo_model_dir("tiny")
-    return args.model
+    return args.model if args.model is not None else DEFAULT_MODEL
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -164,6 +220,22 @@ def _check_options(args: argparse.Namespace) -> None:
     resolve_dtype(args.dtype, resolve_device(args.device))
     if getattr(args, "instruction", None) is not None:
         resolve_instruction(args.instruction)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once, before a model loads, when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn binds: a port left in TIME_WAIT by a previous run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CommandError(_port_taken(host, port, exc.strerror or str(exc))) from exc
+
+
+def _port_taken(host: str, port: int, reason: str) -> str:
+    return f"cannot listen on {host}:{port}: {reason} (choose another port with --port)"
 
 
 # -- rank ----------------------------------------------------------------------------------------
@@ -244,6 +316,304 @@ def _terminal_width() -> int:
         return 120
 
 
+# -- batch ---------------------------------------------------------------------------------------
+
+_RECORD_FIELDS = frozenset({"id", "query", "documents", "candidates", "instruction", "top_n"})
+
+
+class _BadRecord(ValueError):
+    """An input line that is not a batch record; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class _BatchRecord:
+    line: int
+    id: str | int | None
+    query: str
+    documents: list[Any]
+    texts: list[str]
+    instruction: str | None
+    top_n: int | None
+
+    @property
+    def key(self) -> tuple[str, Any]:
+        """What a resumed run matches finished records by: the id, else the line number."""
+        return ("id", self.id) if self.id is not None else ("line", self.line)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _parse_record(line: int, text: str, checked_instructions: set[str]) -> _BatchRecord:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _BadRecord(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, got {_json_type(record)}")
+    unknown = sorted(set(record) - _RECORD_FIELDS)
+    if unknown:
+        raise _BadRecord(
+            f"unknown field {unknown[0]!r}"
+            " (a record has query, documents or candidates, id, instruction, top_n)"
+        )
+    rid = record.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise _BadRecord(f"'id' must be a string or an integer, got {_json_type(rid)}")
+    query = record.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise _BadRecord("'query' must be a non-empty string" if "query" in record else "no 'query'")
+    if "documents" in record and "candidates" in record:
+        raise _BadRecord("give 'documents' or 'candidates', not both")
+    key = "candidates" if "candidates" in record else "documents"
+    if key not in record:
+        raise _BadRecord("no 'documents' (or 'candidates'): a list of strings or {\"text\": ...} objects")
+    docs = record[key]
+    if not isinstance(docs, list) or not docs:
+        raise _BadRecord(f"'{key}' must be a non-empty list of strings or {{\"text\": ...}} objects")
+    texts = []
+    for i, doc in enumerate(docs):
+        doc_text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(doc_text, str):
+            raise _BadRecord(f"'{key}[{i}]' must be a string or an object with a string 'text'")
+        texts.append(doc_text)
+    instruction = record.get("instruction")
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise _BadRecord(f"'instruction' must be a string, got {_json_type(instruction)}")
+        if instruction not in checked_instructions:  # checked, and any typo warning logged, once
+            try:
+                resolve_instruction(instruction)
+            except ValueError as exc:
+                raise _BadRecord(f"'instruction': {exc}") from None
+            checked_instructions.add(instruction)
+    top_n = record.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0):
+        raise _BadRecord(f"'top_n' must be a positive integer, got {json.dumps(top_n)}")
+    return _BatchRecord(line, rid, query, docs, texts, instruction, top_n)
+
+
+def _finished_records(path: Path) -> set[tuple[str, Any]]:
+    """Keys of the records a previous run wrote to ``path``; a half-written last line is cut off."""
+    done: set[tuple[str, Any]] = set()
+    if not path.is_file():
+        return done
+    end = 0
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                logger.warning("%s: line %d was left half-written; it is dropped and redone", path, number)
+                break
+            try:
+                row = json.loads(raw)
+                key = ("id", row["id"]) if row["id"] is not None else ("line", int(row["line"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CommandError(
+                    f"--resume: {path} line {number} is not a ranking written by 'qwen3-rerank batch' ({exc})"
+                ) from exc
+            done.add(key)
+            end += len(raw)
+    if end < path.stat().st_size:
+        with path.open("rb+") as fh:
+            fh.truncate(end)
+    return done
+
+
+def _open_batch_input(source: str | None) -> tuple[IO[str], str]:
+    if source is None or source == "-":
+        if source is None and (sys.stdin is None or sys.stdin.isatty()):
+            raise CommandError("no input: pass a JSONL file or pipe records on stdin")
+        return sys.stdin, "stdin"
+    try:
+        return open(source, encoding="utf-8"), source  # the caller closes it
+    except FileNotFoundError as exc:
+        raise CommandError(f"input file not found: {source}") from exc
+    except IsADirectoryError as exc:
+        raise CommandError(f"input file is a directory: {source}") from exc
+
+
+def _count_records(path: str) -> int | None:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for raw in fh if raw.strip())
+    except OSError:
+        return None
+
+
+def _score_records(reranker: Any, chunk: list[_BatchRecord], instruction: str | None) -> list[list[float]]:
+    """Log-odds of every record's documents, the whole chunk in one engine call.
+
+    The documents of many records (many queries) go to the engine together, so it batches
+    across queries, encoding each query's prefix once.
+    """
+    score_groups = getattr(reranker, "score_groups", None)
+    if score_groups is not None:
+        from .protocol import ScoreGroup
+
+        texts: dict[str, str] = {}  # each distinct instruction resolved once
+        groups = []
+        for r in chunk:
+            name = r.instruction or instruction
+            if name is not None and name not in texts:
+                texts[name] = resolve_instruction(name)
+            groups.append(ScoreGroup(r.query, r.texts, None if name is None else texts[name]))
+        return [list(scores.logits) for scores in score_groups(groups, show_progress=False)]
+    # A scorer without the group primitive: one score_pairs call per instruction in the chunk.
+    by_instruction: dict[str | None, list[int]] = {}
+    for k, record in enumerate(chunk):
+        by_instruction.setdefault(record.instruction or instruction, []).append(k)
+    logits: list[list[float]] = [[] for _ in chunk]
+    for instr, members in by_instruction.items():
+        pairs = [(chunk[k].query, text) for k in members for text in chunk[k].texts]
+        flat = reranker.score_pairs(pairs, instr, return_logits=True, show_progress=False)
+        start = 0
+        for k in members:
+            logits[k] = flat[start : start + len(chunk[k].texts)]
+            start += len(chunk[k].texts)
+    return logits
+
+
+def _ranking_line(
+    record: _BatchRecord, logits: list[float], bands: ConfidenceBands, top_n: int | None
+) -> str:
+    results = []
+    for i in ranked_order(logits, record.top_n or top_n):
+        item: dict[str, Any] = {"index": i}
+        doc = record.documents[i]
+        if isinstance(doc, dict) and "id" in doc:
+            item["id"] = doc["id"]
+        score = sigmoid(logits[i])
+        item["score"] = score
+        item["band"] = bands.classify(score)
+        results.append(item)
+    return json.dumps({"id": record.id, "line": record.line, "results": results}, ensure_ascii=False)
+
+
+def _numbered_lines(source: IO[str], where: str) -> Iterator[tuple[int, str]]:
+    number = 0
+    try:
+        for number, text in enumerate(source, start=1):
+            yield number, text
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{where} is not UTF-8 text (after line {number}): {exc.reason}") from exc
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if args.resume and args.output is None:
+        raise CommandError("--resume needs --output FILE: the file to continue")
+    same = args.output is not None and args.input not in (None, "-")
+    if same and Path(args.output).resolve() == Path(args.input).resolve():
+        raise CommandError("--output must not be the input file")
+    _check_options(args)
+    bands = _bands(args)
+    source, where = _open_batch_input(args.input)
+    out: IO[str] | None = None
+    try:
+        done = _finished_records(Path(args.output)) if args.resume else set()
+        show = args.progress if args.progress is not None else not args.quiet and sys.stderr.isatty()
+        total = _count_records(args.input) if show and where != "stdin" else None
+        reranker = load_reranker(args, bands=bands)
+        if args.output is not None:
+            out = open(args.output, "a" if args.resume else "w", encoding="utf-8")  # noqa: SIM115
+        sink = out if out is not None else sys.stdout
+        stats = _BatchStats()
+        bar = tqdm(
+            total=total, unit="record", desc="Ranking", file=sys.stderr, disable=not show, dynamic_ncols=True
+        )
+        with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():
+            _run_batch(args, reranker, _numbered_lines(source, where), where, done, sink, bar, stats)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if out is not None:
+            out.close()
+    logger.info(
+        "Ranked %d records (%d pairs) in %.1f s (%.0f pairs/s)%s",
+        stats.records,
+        stats.pairs,
+        stats.seconds,
+        stats.pairs / stats.seconds if stats.seconds > 0 else 0.0,
+        f"; {stats.skipped} were already in {args.output}" if args.resume else "",
+    )
+    if stats.bad:
+        shown = ", ".join(map(str, stats.bad[:10])) + (", ..." if len(stats.bad) > 10 else "")
+        raise CommandError(f"{len(stats.bad)} bad record(s) skipped: {where} line {shown}")
+    if not (stats.records or stats.skipped):
+        raise CommandError(f"no records in {where}: expected one JSON object per line")
+    return 0
+
+
+@dataclass
+class _BatchStats:
+    records: int = 0
+    pairs: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    bad: list[int] = field(default_factory=list)
+
+
+def _run_batch(
+    args: argparse.Namespace,
+    reranker: Any,
+    lines: Iterable[tuple[int, str]],
+    where: str,
+    done: set[tuple[str, Any]],
+    sink: IO[str],
+    bar: Any,
+    stats: _BatchStats,
+) -> None:
+    chunk: list[_BatchRecord] = []
+    pending_pairs = 0
+    checked_instructions: set[str] = set()
+
+    def flush() -> None:
+        nonlocal chunk, pending_pairs
+        if not chunk:
+            return
+        start = time.perf_counter()
+        logits = _score_records(reranker, chunk, args.instruction)
+        stats.seconds += time.perf_counter() - start
+        sink.write(
+            "".join(
+                _ranking_line(r, lg, reranker.bands, args.top_n) + "\n"
+                for r, lg in zip(chunk, logits, strict=True)
+            )
+        )
+        sink.flush()
+        stats.records += len(chunk)
+        stats.pairs += pending_pairs
+        bar.update(len(chunk))
+        chunk, pending_pairs = [], 0
+
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            record = _parse_record(number, text, checked_instructions)
+        except _BadRecord as exc:
+            if args.on_error == "stop":
+                flush()
+                raise CommandError(f"{where} line {number}: {exc}") from None
+            logger.error("%s line %d: %s (skipped)", where, number, exc)
+            stats.bad.append(number)
+            bar.update(1)
+            continue
+        if record.key in done:
+            stats.skipped += 1
+            bar.update(1)
+            continue
+        chunk.append(record)
+        pending_pairs += len(record.texts)
+        if pending_pairs >= args.chunk_pairs:
+            flush()
+    flush()
+
+
 # -- serve ---------------------------------------------------------------------------------------
 
 
@@ -260,6 +630,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ray_only = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
     if ray_only:
         raise CommandError(f"{', '.join(ray_only)} only apply with --ray")
+    _check_port_free(args.host, args.port)
     settings: dict[str, Any] = {}
     if args.instruction is not None:
         settings["instruction"] = args.instruction
@@ -285,7 +656,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             bands=bands,
             batch_wait_ms=args.batch_wait_ms,
-            max_batch_pairs=args.max_batch_pairs,
+            max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
             max_queue=args.max_queue,
             model_name=args.served_model_name,
             graceful_timeout=args.graceful_timeout,
@@ -299,15 +670,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_MAX_BATCH_PAIRS = 256
 _RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
 
 
 def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: ConfidenceBands) -> int:
-    if args.max_batch_pairs != _MAX_BATCH_PAIRS:
+    if args.max_batch_pairs is not None:
         raise CommandError(
             "--max-batch-pairs does not apply with --ray: Ray Serve merges whole requests"
-            " (at most 16 per model call)"
+            f" (at most {DEFAULT_RAY_MAX_BATCH_SIZE} per model call)"
         )
     from .ray_serve import serve_ray
 
@@ -356,9 +726,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     _check_options(args)
     bands = _bands(args)
+    _check_port_free(args.host, args.port)  # before the model loads, as serve does
     reranker = load_reranker(args, bands=bands)
     logger.info("Web page on http://%s:%d", args.host, args.port)
-    launch_ui(reranker, host=args.host, port=args.port, demo_model=args.demo, bands=bands)
+    try:
+        launch_ui(reranker, host=args.host, port=args.port, demo_model=args.demo, bands=bands)
+    except OSError as exc:  # taken while the model loaded; Gradio's advice speaks of launch()
+        if "port" not in str(exc).lower():
+            raise
+        raise CommandError(_port_taken(args.host, args.port, "taken while the model loaded")) from exc
     return 0
 
 
@@ -376,6 +752,45 @@ def _cmd_templates(args: argparse.Namespace) -> int:
         if t.description:
             print(f"    {t.description}")
         print(f"    instruction: {t.text}")
+    return 0
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, load_dataset, plot_report
+
+    _check_options(args)
+    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise CommandError(f"--plot: the folder of {args.plot} does not exist")
+    try:
+        dataset = load_dataset(args.data, args.split)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc).strip("'\"")) from exc
+    reranker = load_reranker(args)
+    report = evaluate(
+        reranker,
+        dataset,
+        first_stage=args.first_stage,
+        ks=args.k,
+        candidates=args.candidates,
+        instruction=args.instruction,
+        seed=args.seed,
+        show_progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
+    else:
+        if args.demo:
+            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
+        print(report.format())
+    if args.plot:
+        title = None
+        if args.demo:
+            title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: the after-reranking bars are meaningless"
+        out = plot_report(report, args.plot, title=title)
+        logger.info("Wrote the chart to %s", out)
     return 0
 
 
@@ -416,9 +831,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _add_rank(subparsers: Any) -> None:
+def _ks(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _add_rank(subparsers: Any, shared: _SharedOptions) -> None:
     p = subparsers.add_parser(
         "rank",
+        parents=[shared.model, shared.bands, shared.logging],
         help="rank documents for a query",
         description="Rank documents (one per line, from a file or stdin) for a query, best first.",
         epilog='example: qwen3-rerank rank --query "发票怎么开" --docs faq.txt --top-n 3',
@@ -428,15 +856,62 @@ def _add_rank(subparsers: Any) -> None:
     p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
     p.add_argument("--top-n", "-n", type=_positive_int, help="print only the best N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _bands_arguments(p)
-    add_model_arguments(p)
-    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_rank)
 
 
-def _add_serve(subparsers: Any) -> None:
+def _add_batch(subparsers: Any, shared: _SharedOptions) -> None:
+    p = subparsers.add_parser(
+        "batch",
+        parents=[shared.model, shared.bands, shared.logging],
+        help="rank many queries from a JSONL file, one JSONL ranking per record",
+        description=(
+            'Rank JSONL records {"query", "documents" | "candidates", "id"?, "instruction"?, "top_n"?} '
+            "from a file or stdin; write one JSONL line per record, in input order: "
+            '{"id", "line", "results": [{"index", "id"?, "score", "band"}, ...]} best first. '
+            "Records are scored in chunks of many queries per model call; each chunk's lines are "
+            "written and flushed as soon as it is scored."
+        ),
+        epilog="example: qwen3-rerank batch tickets.jsonl -o ranked.jsonl -i similar_ticket --resume",
+    )
+    p.add_argument("input", nargs="?", help="JSONL file; '-' or omitted with a pipe: stdin")
+    p.add_argument("--output", "-o", help="write the rankings to this file (default: stdout)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="append to --output, skipping records already in it (by id; records without one by line)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="a bad record: report it with its line number and go on (skip; exit status 1 at the end) "
+        "or stop there (default: skip)",
+    )
+    p.add_argument(
+        "--instruction", "-i", help="instruction of records that give none (template name or free text)"
+    )
+    p.add_argument("--top-n", "-n", type=_positive_int, help="keep the best N of records that give no top_n")
+    p.add_argument(
+        "--chunk-pairs",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_PAIRS,
+        help=f"(query, document) pairs scored per model call, whole records (default: {DEFAULT_CHUNK_PAIRS})",
+    )
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="progress bar on stderr (default: on a terminal)",
+    )
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_cmd_batch)
+
+
+def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
     p = subparsers.add_parser(
         "serve",
+        parents=[shared.model, shared.bands, shared.logging],
         help="run the HTTP rerank service",
         description=(
             "Serve POST /v1/rerank (Cohere/Jina/vLLM shape), POST /rank ({id, text} records with bands), "
@@ -444,17 +919,17 @@ def _add_serve(subparsers: Any) -> None:
         ),
         epilog="example: qwen3-rerank serve --model Qwen/Qwen3-Reranker-0.6B --host 0.0.0.0 --port 8000",
     )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for all)"
-    )
-    p.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
+    _listen_arguments(p, port=DEFAULT_PORT, host_help="interface to bind; 0.0.0.0 for all")
     p.add_argument(
         "--api-key",
         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set)",
     )
     p.add_argument("--instruction", "-i", help="default instruction for requests that send none")
     p.add_argument(
-        "--max-documents", type=_positive_int, default=1000, help="most documents per request (default: 1000)"
+        "--max-documents",
+        type=_positive_int,
+        default=DEFAULT_MAX_DOCUMENTS,
+        help=f"most documents per request (default: {DEFAULT_MAX_DOCUMENTS})",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -465,28 +940,29 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument(
         "--batch-wait-ms",
         type=_non_negative_float,
-        default=2.0,
-        help="how long an idle batcher waits for concurrent requests to merge (default: 2)",
+        default=DEFAULT_BATCH_WAIT_MS,
+        help="how long an idle batcher waits for concurrent requests to merge"
+        f" (default: {DEFAULT_BATCH_WAIT_MS:g})",
     )
     p.add_argument(
         "--max-batch-pairs",
         type=_positive_int,
-        default=_MAX_BATCH_PAIRS,
-        help=f"most (query, document) pairs merged into one model call (default: {_MAX_BATCH_PAIRS};"
+        help=f"most (query, document) pairs merged into one model call (default: {DEFAULT_MAX_BATCH_PAIRS};"
         " not with --ray)",
     )
     p.add_argument(
         "--max-queue",
         type=_positive_int,
-        default=1024,
-        help="most waiting requests before 503 (default: 1024)",
+        default=DEFAULT_MAX_QUEUE,
+        help=f"most waiting requests before 503 (default: {DEFAULT_MAX_QUEUE})",
     )
     p.add_argument("--served-model-name", help="model name reported by the API (default: the model's)")
     p.add_argument(
         "--graceful-timeout",
         type=_non_negative_float,
-        default=30.0,
-        help="seconds to let in-flight requests finish on shutdown (default: 30)",
+        default=DEFAULT_GRACEFUL_TIMEOUT_S,
+        help="seconds to let in-flight requests finish on shutdown"
+        f" (default: {DEFAULT_GRACEFUL_TIMEOUT_S:g})",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     ray = p.add_argument_group("Ray Serve (extra [ray])")
@@ -504,101 +980,147 @@ def _add_serve(subparsers: Any) -> None:
         help="GPUs per replica (default: 1 when CUDA is present and --device is not cpu, else 0)",
     )
     ray.add_argument("--ray-address", help="Ray cluster to join ('auto': the local one; default: start one)")
-    _bands_arguments(p)
-    add_model_arguments(p)
-    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
-def _add_ui(subparsers: Any) -> None:
+def _add_ui(subparsers: Any, shared: _SharedOptions) -> None:
     p = subparsers.add_parser(
         "ui",
+        parents=[shared.model, shared.bands, shared.logging],
         help="open the web page",
         description="Serve a web page to try the reranker. Needs the [ui] extra.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=7860, help="TCP port (default: 7860)")
-    _bands_arguments(p)
-    add_model_arguments(p)
-    _verbosity_arguments(p)
+    _listen_arguments(p, port=DEFAULT_UI_PORT, host_help="interface to bind")
     p.set_defaults(func=_cmd_ui)
 
 
-def _add_templates(subparsers: Any) -> None:
+def _add_templates(subparsers: Any, shared: _SharedOptions) -> None:
     p = subparsers.add_parser(
         "templates",
+        parents=[shared.logging],
         help="list the named instruction templates",
         description='Named instruction templates, usable as --instruction NAME or "instruction": NAME.',
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    _verbosity_arguments(p)
     p.set_defaults(func=_cmd_templates)
 
 
-def _add_evaluate(subparsers: Any) -> None:
-    """Register ``evaluate`` from :mod:`qwen3_rerank_plugins.evaluate` when that module exists."""
-    try:
-        from . import evaluate
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__package__}.evaluate":
-            return
-        _add_unavailable(subparsers, "evaluate", exc)
-        return
-    except ImportError as exc:
-        _add_unavailable(subparsers, "evaluate", exc)
-        return
-    evaluate.add_parser(subparsers)
-
-
-def _add_unavailable(subparsers: Any, name: str, exc: BaseException) -> None:
-    """A command whose module cannot be imported still shows up, and says why when run."""
-    p = subparsers.add_parser(name, help=f"(unavailable: {exc})", add_help=True)
-
-    def fail(args: argparse.Namespace) -> int:
-        raise CommandError(f"the {name} command is unavailable: {exc}")
-
-    p.set_defaults(func=fail)
+def _add_evaluate(subparsers: Any, shared: _SharedOptions) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        parents=[shared.model, shared.logging],
+        help="measure hit@k, MRR@10 and nDCG@10 before and after reranking",
+        description=(
+            "Evaluate reranking on labelled data: a JSONL file of {query, positives, negatives} or a "
+            "BEIR/MTEB directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Prints hit@k, MRR@10 "
+            "and nDCG@10 before and after reranking, latency per query and pairs/s."
+        ),
+        epilog="example: qwen3-rerank evaluate faq_eval.jsonl -i customer_service_faq --plot out.png",
+    )
+    p.add_argument("data", help="JSONL file or BEIR/MTEB directory")
+    p.add_argument(
+        "--first-stage",
+        choices=FIRST_STAGES,
+        default="bm25",
+        help="bm25: BM25 over all documents (jieba words), top --candidates; "
+        "none: each query's own candidates in random order (default: bm25)",
+    )
+    p.add_argument(
+        "--k", type=_ks, default=[1, 3, 10], help="comma-separated hit@k cut-offs (default: 1,3,10)"
+    )
+    p.add_argument(
+        "--candidates",
+        type=_positive_int,
+        default=50,
+        help="BM25 candidates per query to rerank (default: 50)",
+    )
+    p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
+    p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
+    p.add_argument("--split", default="test", help="qrels split of a BEIR directory (default: test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random order for --first-stage none")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=_cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``qwen3-rerank`` argument parser."""
     parser = _Parser(
         prog="qwen3-rerank",
-        description="Qwen3-Reranker from the command line: rank, serve over HTTP, web page.",
+        description="Qwen3-Reranker from the command line: rank, batch, serve over HTTP, web page, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _verbosity_arguments(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_rank(subparsers)
-    _add_serve(subparsers)
-    _add_ui(subparsers)
-    _add_templates(subparsers)
-    _add_evaluate(subparsers)
+    shared = _SharedOptions.build()
+    for add in (_add_rank, _add_batch, _add_serve, _add_ui, _add_templates, _add_evaluate):
+        add(subparsers, shared)
     return parser
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    if not args.verbose:
-        for noisy in (
-            "httpx",
-            "httpcore",
-            "urllib3",
-            "filelock",
-            "transformers",
-            "huggingface_hub",
-            "modelscope",
-        ):
-            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    if args.quiet:
-        # Download and weight-loading progress bars too.
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        from transformers.utils import logging as transformers_logging
+def _check_exclusive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for first, second in _EXCLUSIVE:
+        if all(getattr(args, dest, None) not in (None, False) for dest in (first, second)):
+            prog = f"{parser.prog} {args.command}"
+            message = f"--{first} and --{second} exclude each other"
+            parser.exit(2, f"{prog}: error: {message} (see '{prog} --help')\n")
 
-        transformers_logging.disable_progress_bar()
+
+_NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "transformers", "huggingface_hub", "modelscope")
+
+
+@contextlib.contextmanager
+def _command_logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log to stderr at the level ``-v`` / ``--quiet`` ask for while the command runs.
+
+    What is changed (root handlers and levels, progress bars) is put back afterwards, so
+    :func:`main` can be called in-process (from tests or another program) any number of times.
+    """
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name) for name in _NOISY_LOGGERS}
+    saved_noisy = {name: lg.level for name, lg in noisy.items()}
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not args.verbose:
+        for lg in noisy.values():
+            lg.setLevel(max(level, logging.WARNING))
+    restore_bars: Callable[[], None] | None = None
+    if args.quiet:
+        restore_bars = _hide_progress_bars()
+    try:
+        yield
+    finally:
+        handler.flush()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, lg in noisy.items():
+            lg.setLevel(saved_noisy[name])
+        if restore_bars is not None:
+            restore_bars()
+
+
+def _hide_progress_bars() -> Callable[[], None]:
+    """Hide download and weight-loading progress bars; returns how to show them again."""
+    from transformers.utils import logging as transformers_logging
+
+    saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers_logging.disable_progress_bar()
+
+    def restore() -> None:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+    return restore
 
 
 def _one_line(exc: BaseException) -> str:
@@ -606,26 +1128,78 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# -- a model that cannot be found: what to type instead -----------------------------------------------
+
+_MODEL_OPTIONS_WITH_VALUE = ("--model", "--source")
+
+
+def _without_model_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` less ``--model X``, ``--source X`` and ``--demo`` (also in ``--opt=X`` form)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _MODEL_OPTIONS_WITH_VALUE:
+            skip = True
+        elif arg == "--demo" or arg.startswith(tuple(f"{o}=" for o in _MODEL_OPTIONS_WITH_VALUE)):
+            continue
+        else:
+            out.append(arg)
+    return out
+
+
+def _model_source_message(exc: ModelSourceError, args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """The error, then on separate lines the command lines that get past it, in shell syntax."""
+    text = str(exc).strip()
+    text = text.split("\nWhat to do:", 1)[0].rstrip()  # its advice speaks Python; ours follows
+    text = re.sub(r"\bsource='(\w+)'", r"--source \1", text)
+    model = getattr(args, "model", None) or DEFAULT_MODEL
+    base = ["qwen3-rerank", *_without_model_options(argv)]
+    choices = [
+        (["--demo"], "offline demo model: random weights, meaningless scores"),
+        (["--model", "DIR"], "a model directory on this machine"),
+    ]
+    if getattr(args, "source", None) != "modelscope":
+        choices.insert(1, (["--source", "modelscope"], "download from ModelScope (e.g. in mainland China)"))
+    commands = [shlex.join([*base, *extra]) for extra, _ in choices]
+    width = max(len(c) for c in commands)
+    lines = [f"error: {text}", "To go on, type one of:"]
+    lines += [f"  {command:<{width}}  # {why}" for command, (_, why) in zip(commands, choices, strict=True)]
+    if "/" in str(model) and not Path(str(model)).expanduser().exists():
+        download = f"hf download {shlex.quote(str(model))} --local-dir DIR"
+        lines.append(f"To fill DIR once, where the hub is reachable: {download}")
+    lines.append("Or check the network or proxy; HF_ENDPOINT=<mirror> uses a Hugging Face mirror.")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args)
+    _check_exclusive(parser, args)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return int(func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`... | head`): stop quietly, as a Unix tool killed by SIGPIPE does,
-        # and keep Python from complaining again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except (CommandError, ModelSourceError, ImportError, OSError, ValueError, TypeError, RuntimeError) as exc:
-        logger.debug("command failed", exc_info=True)
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    with _command_logging(args):
+        try:
+            return int(func(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as a Unix tool killed by SIGPIPE does,
+            # and keep Python from complaining again when it flushes stdout at exit.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        except ModelSourceError as exc:
+            logger.debug("command failed", exc_info=True)
+            print(_model_source_message(exc, args, argv), file=sys.stderr)
+            return 1
+        except (CommandError, ImportError, OSError, ValueError, TypeError, RuntimeError) as exc:
+            logger.debug("command failed", exc_info=True)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import json
@@ -54,7 +53,6 @@ __all__ = [
     "EvalDataset",
     "EvalQuery",
     "EvaluationReport",
-    "add_parser",
     "evaluate",
     "hit_at_k",
     "load_beir",
@@ -681,99 +679,3 @@ def plot_report(report: EvaluationReport, path: str | Path, *, title: str | None
     finally:
         plt.close(fig)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _ks(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .cli import CommandError, _check_options, load_reranker
-
-    _check_options(args)
-    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
-        raise CommandError(f"--plot: the folder of {args.plot} does not exist")
-    try:
-        dataset = load_dataset(args.data, args.split)
-    except FileNotFoundError as exc:
-        raise CommandError(str(exc).strip("'\"")) from exc
-    reranker = load_reranker(args)
-    report = evaluate(
-        reranker,
-        dataset,
-        first_stage=args.first_stage,
-        ks=args.k,
-        candidates=args.candidates,
-        instruction=args.instruction,
-        seed=args.seed,
-        show_progress=args.progress,
-    )
-    if args.json:
-        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
-    else:
-        if args.demo:
-            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
-        print(report.format())
-    if args.plot:
-        title = None
-        if args.demo:
-            title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: the after-reranking bars are meaningless"
-        out = plot_report(report, args.plot, title=title)
-        logger.info("Wrote the chart to %s", out)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` command to the ``qwen3-rerank`` parser."""
-    from .cli import _positive_int, _verbosity_arguments, add_model_arguments
-
-    p = subparsers.add_parser(
-        "evaluate",
-        help="measure hit@k, MRR@10 and nDCG@10 before and after reranking",
-        description=(
-            "Evaluate reranking on labelled data: a JSONL file of {query, positives, negatives} or a "
-            "BEIR/MTEB directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Prints hit@k, MRR@10 "
-            "and nDCG@10 before and after reranking, latency per query and pairs/s."
-        ),
-        epilog="example: qwen3-rerank evaluate faq_eval.jsonl -i customer_service_faq --plot out.png",
-    )
-    p.add_argument("data", help="JSONL file or BEIR/MTEB directory")
-    p.add_argument(
-        "--first-stage",
-        choices=FIRST_STAGES,
-        default="bm25",
-        help="bm25: BM25 over all documents (jieba words), top --candidates; "
-        "none: each query's own candidates in random order (default: bm25)",
-    )
-    p.add_argument(
-        "--k", type=_ks, default=[1, 3, 10], help="comma-separated hit@k cut-offs (default: 1,3,10)"
-    )
-    p.add_argument(
-        "--candidates",
-        type=_positive_int,
-        default=50,
-        help="BM25 candidates per query to rerank (default: 50)",
-    )
-    p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
-    p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
-    p.add_argument("--split", default="test", help="qrels split of a BEIR directory (default: test)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random order for --first-stage none")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
-    add_model_arguments(p)
-    _verbosity_arguments(p)
-    p.set_defaults(func=_cmd_evaluate)
-    return p
