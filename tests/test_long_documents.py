@@ -128,3 +128,26 @@ def test_http_query_that_leaves_no_room_is_a_422_naming_query(service_url):
         timeout=60,
     )
     assert cut.status_code == 200
+
+
+def test_cli_long_documents_flag_reads_windows(tmp_path, tiny_model_dir, reranker, capsys):
+    import json
+
+    from qwen3_rerank_plugins.cli import main
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text(POLICY + "\n" + SHORT + "\n", encoding="utf-8")
+    argv = ["rank", "--model", str(tiny_model_dir), "--device", "cpu", "--max-length", "200", "-q", QUERY]
+    for flags, engine in (
+        (["--long-documents"], reranker.with_settings(max_length=200, long_documents=True)),
+        ([], reranker.with_settings(max_length=200)),
+    ):
+        assert main([*argv, "-d", str(docs), "--json", *flags]) == 0
+        got = {r["index"]: r["score"] for r in json.loads(capsys.readouterr().out)["results"]}
+        expected = engine.score(QUERY, [POLICY, SHORT])
+        assert got == {0: pytest.approx(expected[0], abs=1e-6), 1: pytest.approx(expected[1], abs=1e-6)}
+    assert reranker.with_settings(max_length=200, long_documents=True).score(
+        QUERY, [POLICY]
+    ) != pytest.approx(
+        reranker.with_settings(max_length=200).score(QUERY, [POLICY]), abs=1e-6
+    )  # the flag changed what was read

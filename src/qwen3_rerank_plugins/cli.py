@@ -38,19 +38,22 @@ from typing import IO, Any, NoReturn
 
 from . import __version__
 from .evaluate import FIRST_STAGES
-from .results import ConfidenceBands, ranked_order, sigmoid
+from .results import ConfidenceBands, rank_results
 from .server_defaults import (
     DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_GRACEFUL_TIMEOUT_S,
     DEFAULT_HOST,
     DEFAULT_MAX_BATCH_PAIRS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_TOKENS,
     DEFAULT_PORT,
     DEFAULT_RAY_MAX_BATCH_SIZE,
     DEFAULT_UI_PORT,
 )
+from .settings import DEFAULT_MAX_LENGTH
 from .sources import ModelSourceError
 from .templates import list_instruction_templates, resolve_instruction
 
@@ -110,7 +113,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to get the model (default: a local directory, else Hugging Face, else ModelScope)",
     )
     group.add_argument(
-        "--max-length", type=_positive_int, default=8192, help="prompt tokens per pair (default: 8192)"
+        "--max-length",
+        type=_positive_int,
+        default=DEFAULT_MAX_LENGTH,
+        help=f"prompt tokens per pair (default: {DEFAULT_MAX_LENGTH})",
+    )
+    group.add_argument(
+        "--long-documents",
+        action="store_true",
+        help="read a document longer than --max-length in overlapping windows and score it by its best one"
+        " (default: cut it where the budget ends, as the model card does)",
     )
 
 
@@ -192,6 +204,7 @@ def load_reranker(args: argparse.Namespace, *, model: Any = None, **settings: An
         dtype=args.dtype,
         source=args.source,
         max_length=args.max_length,
+        **({"long_documents": True} if getattr(args, "long_documents", False) else {}),
         **settings,
     )
     logger.info(
@@ -479,14 +492,12 @@ def _ranking_line(
     record: _BatchRecord, logits: list[float], bands: ConfidenceBands, top_n: int | None
 ) -> str:
     results = []
-    for i in ranked_order(logits, record.top_n or top_n):
-        item: dict[str, Any] = {"index": i}
-        doc = record.documents[i]
-        if isinstance(doc, dict) and "id" in doc:
-            item["id"] = doc["id"]
-        score = sigmoid(logits[i])
-        item["score"] = score
-        item["band"] = bands.classify(score)
+    for r in rank_results(logits, record.documents, bands=bands, top_n=record.top_n or top_n):
+        item: dict[str, Any] = {"index": r.index}
+        if isinstance(r.document, dict) and "id" in r.document:
+            item["id"] = r.document["id"]
+        item["score"] = r.score
+        item["band"] = r.band
         results.append(item)
     return json.dumps({"id": record.id, "line": record.line, "results": results}, ensure_ascii=False)
 
@@ -658,6 +669,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
             max_queue=args.max_queue,
+            body_timeout=args.body_timeout or None,
+            max_request_tokens=args.max_request_tokens or None,
             model_name=args.served_model_name,
             graceful_timeout=args.graceful_timeout,
             access_log=not args.no_access_log,
@@ -679,6 +692,12 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
             "--max-batch-pairs does not apply with --ray: Ray Serve merges whole requests"
             f" (at most {DEFAULT_RAY_MAX_BATCH_SIZE} per model call)"
         )
+    if args.body_timeout != DEFAULT_BODY_TIMEOUT_S or args.max_request_tokens != DEFAULT_MAX_REQUEST_TOKENS:
+        raise CommandError(
+            "--body-timeout and --max-request-tokens do not apply with --ray (the plain server's)"
+        )
+    if args.long_documents:
+        raise CommandError("--long-documents does not apply with --ray: send max_chunks_per_doc per request")
     from .ray_serve import serve_ray
 
     replicas = args.replicas or 1
@@ -804,6 +823,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
     return value
 
 
@@ -955,6 +984,20 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         type=_positive_int,
         default=DEFAULT_MAX_QUEUE,
         help=f"most waiting requests before 503 (default: {DEFAULT_MAX_QUEUE})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_non_negative_float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a request's body may take to arrive before a 408 (0: no limit;"
+        f" default: {DEFAULT_BODY_TIMEOUT_S:g}; not with --ray)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_REQUEST_TOKENS,
+        help="most prompt tokens one request may make the model read, else 413 (0: no limit;"
+        f" default: {DEFAULT_MAX_REQUEST_TOKENS}; not with --ray)",
     )
     p.add_argument("--served-model-name", help="model name reported by the API (default: the model's)")
     p.add_argument(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from ._optional import require
 
 if TYPE_CHECKING:
-    from .engine import Reranker
+    from .protocol import Scorer
     from .templates import InstructionTemplate
 
 __all__ = [
@@ -561,7 +561,7 @@ def _first_stage(dataset: EvalDataset, first_stage: str, candidates: int, seed: 
 
 
 def evaluate(
-    reranker: Reranker,
+    reranker: Scorer,
     dataset: EvalDataset,
     *,
     first_stage: str = "bm25",
@@ -574,7 +574,8 @@ def evaluate(
     """Rank every query's candidates with the first stage, then with the reranker; compare.
 
     Args:
-        reranker: The engine (:class:`~qwen3_rerank_plugins.Reranker`).
+        reranker: The engine (:class:`~qwen3_rerank_plugins.Reranker`) or any other
+            :class:`~qwen3_rerank_plugins.protocol.Scorer`.
         dataset: From :func:`load_dataset`.
         first_stage: ``"bm25"`` (BM25 over the whole pool, top ``candidates``) or ``"none"``.
         ks: Cut-offs of hit@k (MRR and nDCG are always at 10).
