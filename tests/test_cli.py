@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import qwen3_rerank_plugins
+from helpers import free_port
 from qwen3_rerank_plugins import ConfidenceBands, Reranker, list_instruction_templates
 from qwen3_rerank_plugins import server_defaults as defaults
 from qwen3_rerank_plugins.cli import build_parser, main
@@ -112,12 +113,6 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line and not re.match(r"\d{4}-\d\d-\d\d ", line)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as taken:
@@ -193,7 +188,7 @@ def test_serve_passes_the_defaults_and_explicit_values_to_the_server(
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(qwen3_rerank_plugins.server, "serve", lambda factory, **kw: calls.append(kw))
-    base = ["serve", "--model", str(tiny_model_dir), "--port", str(_free_port())]
+    base = ["serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
 
     assert cli(base).returncode == 0
     assert cli([*base, "--max-batch-pairs", "64", "--max-queue", "8"]).returncode == 0
@@ -405,8 +400,8 @@ def _offline_command(command: str) -> list[str]:
     return {
         "rank": ["rank", "-q", QUERY, "-d", "-"],
         "batch": ["batch", "-"],
-        "serve": ["serve", "--port", str(_free_port())],
-        "ui": ["ui", "--port", str(_free_port())],
+        "serve": ["serve", "--port", str(free_port())],
+        "ui": ["ui", "--port", str(free_port())],
         "evaluate": ["evaluate", str(data), "--first-stage", "none"],
     }[command]
 
@@ -505,7 +500,7 @@ def background(tmp_path: Path) -> Iterator[Callable[..., Background]]:
 
 @pytest.mark.slow
 def test_serve_answers_http_with_an_api_key(tiny_model_dir: Path, background, reranker: Reranker) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = background(
         ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", str(port), "--api-key", "k3y",
@@ -550,7 +545,7 @@ def test_a_taken_port_fails_at_once_and_names_the_option(
 
 @pytest.mark.slow
 def test_ui_serves_the_page_with_the_demo_banner(demo_cache: Path, background) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**ENV, "QWEN3_RERANK_DEMO_CACHE": str(demo_cache), "GRADIO_ANALYTICS_ENABLED": "False"}
     page = background(["ui", "--demo", "--port", str(port)], entry=MODULE, env=env)
 
@@ -631,7 +626,7 @@ def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The deploy program section under a real supervisord; only the machine-specific parts change."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = [*MODULE, "serve", "--model", str(tiny_model_dir), "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(port), "--graceful-timeout", "30"]  # fmt: skip

@@ -22,6 +22,14 @@ FAQ = INSTRUCTION_TEMPLATES["customer_service_faq"].text
 LOGGER = "qwen3_rerank_plugins"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each name warns once per process; another test module may have used it already.
+    from qwen3_rerank_plugins import templates
+
+    monkeypatch.setattr(templates, "_warned_names", set())
+
+
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
