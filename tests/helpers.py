@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import uvicorn
 
 from qwen3_rerank_plugins.client import RetryPolicy
@@ -31,6 +32,25 @@ TICKETS = [
 ]
 # A retry policy quick enough for tests.
 FAST = RetryPolicy(max_retries=3, backoff=0.01, max_backoff=0.05)
+
+
+class approx_ranking:
+    """``got == approx_ranking(expected)``: the same ``(index, score)`` pairs in the same order,
+    indices exact and scores within ``pytest.approx``'s tolerance (which compares flat
+    sequences only)."""
+
+    def __init__(self, expected: Any, **tolerance: float) -> None:
+        self.expected = [tuple(pair) for pair in expected]
+        self.tolerance = tolerance
+
+    def __eq__(self, got: object) -> bool:
+        pairs = [tuple(pair) for pair in got]  # type: ignore[attr-defined]
+        return [p[0] for p in pairs] == [p[0] for p in self.expected] and [
+            p[1] for p in pairs
+        ] == pytest.approx([p[1] for p in self.expected], **self.tolerance)
+
+    def __repr__(self) -> str:
+        return f"approx_ranking({self.expected!r})"
 
 
 def free_port() -> int:

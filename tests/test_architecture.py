@@ -43,7 +43,9 @@ def _graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         # A parent package's __init__ runs before a submodule; it is not an edge of its own.
-        graph[name] = {m for m in _imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+        graph[name] = {
+            m for m in _imports(path) if m in modules and m != name and not name.startswith(m + ".")
+        }
     return graph
 
 
@@ -57,7 +59,7 @@ def test_no_import_cycles_lazy_imports_included():
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
+                cycle = [*path[path.index(nxt):], nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)

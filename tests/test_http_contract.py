@@ -16,7 +16,7 @@ import cohere
 import httpx
 import pytest
 
-from helpers import ServerThread
+from helpers import ServerThread, approx_ranking
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -68,7 +68,7 @@ def _still_serves(http: httpx.Client, reranker: Reranker) -> None:
     response = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
     assert response.status_code == 200, response.text
     got = [(r["index"], r["relevance_score"]) for r in response.json()["results"]]
-    assert got == pytest.approx(_ranked(reranker, QUERY, DOCS))
+    assert got == approx_ranking(_ranked(reranker, QUERY, DOCS))
 
 
 # -- issue 16.1: Infinity's client reads usage.prompt_tokens ----------------------------------------
@@ -86,7 +86,7 @@ def test_infinity_client_and_langchain_infinity_rerank_work_unchanged(
     expected = _ranked(reranker, QUERY, DOCS)
     client = Client(base_url=service.url)
     answer = rerank.sync(client=client, body=RerankInput(query=QUERY, documents=DOCS, return_documents=True))
-    assert [(r.index, r.relevance_score) for r in answer.results] == pytest.approx(expected)
+    assert [(r.index, r.relevance_score) for r in answer.results] == approx_ranking(expected)
     assert answer.usage.prompt_tokens == answer.usage.total_tokens == reranker.count_tokens(QUERY, DOCS)
     # The documented choice: document is {"text": ...} (Jina / vLLM / Cohere), not Infinity's plain string.
     assert answer.results[0].document == {"text": DOCS[expected[0][0]]}
@@ -94,7 +94,7 @@ def test_infinity_client_and_langchain_infinity_rerank_work_unchanged(
     compressor = InfinityRerank(client=Client(base_url=service.url), model="qwen3-reranker", top_n=2)
     docs = [Document(page_content=text, metadata={"n": i}) for i, text in enumerate(DOCS)]
     out = compressor.compress_documents(docs, QUERY)
-    assert [(d.metadata["n"], d.metadata["relevance_score"]) for d in out] == pytest.approx(expected[:2])
+    assert [(d.metadata["n"], d.metadata["relevance_score"]) for d in out] == approx_ranking(expected[:2])
 
 
 def test_infinity_raw_scores_are_log_odds(http: httpx.Client, reranker: Reranker) -> None:
@@ -145,7 +145,7 @@ def test_langchain_jina_rerank_works_and_raises_the_services_message(
     good = jina_rerank.JinaRerank(jina_api_key=API_KEY, top_n=2)
     out = good.compress_documents(docs, QUERY)
     expected = _ranked(reranker, QUERY, DOCS)[:2]
-    assert [(DOCS.index(d.page_content), d.metadata["relevance_score"]) for d in out] == pytest.approx(
+    assert [(DOCS.index(d.page_content), d.metadata["relevance_score"]) for d in out] == approx_ranking(
         expected
     )
 
@@ -176,7 +176,7 @@ def test_cohere_rank_fields_read_the_named_fields_in_order_and_return_the_object
         rank_fields=["title", "body"],
         return_documents=True,
     )
-    assert [(r.index, r.relevance_score) for r in answer.results] == pytest.approx(expected)
+    assert [(r.index, r.relevance_score) for r in answer.results] == approx_ranking(expected)
 
     with httpx.Client(base_url=service.url, timeout=30) as http:
         body = {"query": QUERY, "documents": records, "rank_fields": ["title", "body"]}
@@ -184,12 +184,12 @@ def test_cohere_rank_fields_read_the_named_fields_in_order_and_return_the_object
         assert [r["document"] for r in results] == [records[i] for i, _ in expected]  # every field back
         # One field: its value alone, as a plain string document would be read.
         one = http.post("/v1/rerank", json={**body, "rank_fields": ["body"]}).json()["results"]
-        assert [(r["index"], r["relevance_score"]) for r in one] == pytest.approx(
+        assert [(r["index"], r["relevance_score"]) for r in one] == approx_ranking(
             _ranked(reranker, QUERY, [r["body"] for r in records])
         )
         # The order of rank_fields is the order the model reads them in.
         swapped = http.post("/v1/rerank", json={**body, "rank_fields": ["body", "title"]}).json()["results"]
-        assert [(r["index"], r["relevance_score"]) for r in swapped] == pytest.approx(
+        assert [(r["index"], r["relevance_score"]) for r in swapped] == approx_ranking(
             _ranked(reranker, QUERY, [f"body: {r['body']}\ntitle: {r['title']}" for r in records])
         )
         missing = http.post("/v1/rerank", json={**body, "rank_fields": ["title", "text"]})
@@ -210,16 +210,16 @@ def test_max_tokens_per_doc_and_query_cut_as_the_engine_does(http: httpx.Client,
         ("max_tokens_per_query", "max_query_tokens", 3),
     ):
         capped = _ranked(reranker, QUERY * 4, long_docs, **{setting: value})
-        assert capped != pytest.approx(_ranked(reranker, QUERY * 4, long_docs))  # the cap changes the scores
+        assert capped != approx_ranking(_ranked(reranker, QUERY * 4, long_docs))  # the cap changes the scores
         for path, key in (("/v1/rerank", "documents"), ("/v2/rerank", "documents")):
             response = http.post(path, json={"query": QUERY * 4, key: long_docs, field: value})
             assert response.status_code == 200, response.text
             got = [(r["index"], r["relevance_score"]) for r in response.json()["results"]]
-            assert got == pytest.approx(capped)
+            assert got == approx_ranking(capped)
         tei = http.post("/rerank", json={"query": QUERY * 4, "texts": long_docs, field: value})
-        assert [(r["index"], r["score"]) for r in tei.json()] == pytest.approx(capped)
+        assert [(r["index"], r["score"]) for r in tei.json()] == approx_ranking(capped)
         rank = http.post("/rank", json={"query": QUERY * 4, "documents": long_docs, field: value})
-        assert [(r["index"], r["score"]) for r in rank.json()["results"]] == pytest.approx(capped)
+        assert [(r["index"], r["score"]) for r in rank.json()["results"]] == approx_ranking(capped)
         for bad in (0, -3, "5", 2.5, True):
             _assert_error(
                 http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, field: bad}),
@@ -245,9 +245,9 @@ def test_tei_shape_keeps_the_best_top_n_as_litellm_asks(http: httpx.Client, rera
     body = {"query": QUERY, "texts": DOCS, "top_n": 2, "raw_scores": False, "truncation_direction": "Right"}
     response = http.post("/rerank", json=body)
     assert response.status_code == 200, response.text
-    assert [(r["index"], r["score"]) for r in response.json()] == pytest.approx(expected[:2])
+    assert [(r["index"], r["score"]) for r in response.json()] == approx_ranking(expected[:2])
     everything = http.post("/rerank", json={**body, "top_n": 0}).json()
-    assert [(r["index"], r["score"]) for r in everything] == pytest.approx(expected)
+    assert [(r["index"], r["score"]) for r in everything] == approx_ranking(expected)
 
 
 # -- issue 16.12 (HTTP half): meta.instruction -------------------------------------------------------
