@@ -184,6 +184,27 @@ def test_out_of_memory_in_a_merged_batch_keeps_every_document(reranker):
         assert a.logits == pytest.approx(b.logits, abs=TOL)
 
 
+def test_should_stop_stops_between_forward_passes(reranker):
+    from qwen3_rerank_plugins import ScoringStopped
+
+    groups = [ScoreGroup(q, d) for q, d in _faq_requests(8, 6, seed=5)]
+    rr = reranker.with_settings(max_batch_size=4)
+    with PassCounter(rr) as counter:
+        expected = rr.score_groups(groups, should_stop=lambda: False)  # asked, never true: all runs
+    full = len(counter.calls)
+    assert full > 6
+    for a, b in zip(expected, reranker.score_groups(groups), strict=True):
+        assert a.logits == pytest.approx(b.logits, abs=TOL)
+
+    with PassCounter(rr) as counter, pytest.raises(ScoringStopped, match="after 3 forward passes"):
+        rr.score_groups(groups, should_stop=lambda: len(counter.calls) >= 3)
+    assert len(counter.calls) == 3  # nothing ran after the check said stop
+    stopped = score_requests(
+        rr, [ScoreRequest(g.query, list(g.texts), None) for g in groups], should_stop=lambda: True
+    )
+    assert all(isinstance(o, ScoringStopped) for o in stopped)  # not halved and retried
+
+
 # ------------------------------------------------------------------ reading no more than needed
 
 

@@ -280,6 +280,46 @@ def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
     assert any("disconnected" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
 
 
+def test_a_running_request_whose_client_hangs_up_stops_between_forward_passes(reranker: Reranker) -> None:
+    # Two rows per pass and a pause in each make one request of 60 documents run ~30 slow passes.
+    slow = reranker.with_settings(max_batch_size=2)
+    passes: list[int] = []
+
+    def pace(module: Any, args: Any, kwargs: Any) -> None:
+        passes.append(kwargs["input_ids"].shape[0])
+        time.sleep(0.05)
+
+    docs = [f"{DOCS[i % len(DOCS)]} #{i}" for i in range(60)]
+    body = json.dumps({"query": QUERY, "documents": docs}).encode()
+    handle = reranker._core.backbone.register_forward_pre_hook(pace, with_kwargs=True)
+    try:
+        with ServerThread(create_app(slow, batch_wait_ms=0)) as server:
+            before = _metrics(server.url)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(_head("/v1/rerank", f"Content-Length: {len(body)}") + body)
+                wait_for(lambda: len(passes) >= 2, 30, "the request to start running")
+            wait_for(
+                lambda: (
+                    _metrics(server.url).get(_answered("/v1/rerank", 499), 0)
+                    > before.get(_answered("/v1/rerank", 499), 0)
+                ),
+                30,
+                "the hang-up to be counted",
+            )
+            time.sleep(0.3)  # what would still run if the batch were not stopped
+            stopped_at = len(passes)
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+            after = _metrics(server.url)
+    finally:
+        handle.remove()
+
+    assert stopped_at < 12, f"{stopped_at} passes ran for an abandoned request of ~30"
+    _check_answer(answer, _expected(reranker, QUERY, DOCS))  # the service goes on serving
+    assert after[PAIRS] - before.get(PAIRS, 0) == len(DOCS)  # the abandoned pairs are not counted
+    assert after.get(_answered("/v1/rerank", 500), 0) == before.get(_answered("/v1/rerank", 500), 0)
+
+
 # -- the per-request token budget -------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ _EXPORTS = {
     "RerankerSettings": "settings",
     "ScoreGroup": "protocol",
     "Scorer": "protocol",
+    "ScoringStopped": "protocol",
     "clear_reranker_cache": "registry",
     "generalize": "generalize",
     "get_reranker": "registry",
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from .engine import Reranker
     from .fallback import rerank_with_fallback
     from .generalize import generalize
-    from .protocol import GroupScores, ScoreGroup, Scorer
+    from .protocol import GroupScores, ScoreGroup, Scorer, ScoringStopped
     from .registry import clear_reranker_cache, get_reranker
     from .results import Band, ConfidenceBands, FallbackRerank, RerankAttempt, RerankResult
     from .settings import RerankerSettings

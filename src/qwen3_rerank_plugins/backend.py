@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .protocol import ScoringStopped, StopCheck
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX
 
 __all__ = ["DEFAULT_BATCH_TOKENS", "Row", "ScoringModel", "plan_batches", "plan_waves", "score_rows"]
@@ -428,6 +429,7 @@ def score_rows(
     batch_tokens: int,
     max_batch_size: int,
     progress: Callable[[int], None] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> tuple[list[float], list[tuple[int, int] | None]]:
     """Log-odds of every slot: the best over the rows that write to it.
 
@@ -439,10 +441,15 @@ def score_rows(
         batch_tokens: Token budget of one forward pass.
         max_batch_size: Most rows per pass.
         progress: Called with the number of rows each finished pass scored.
+        should_stop: Asked before every forward pass; once it returns ``True`` nothing more is
+            run.
 
     Returns:
         One value per slot (the maximum over its rows: a document read in windows scores by
         its best window, the earliest on a tie), and the span of the row that gave it.
+
+    Raises:
+        ScoringStopped: ``should_stop`` returned ``True`` before the last pass.
     """
     out = [float("-inf")] * slots
     spans: list[tuple[int, int] | None] = [None] * slots
@@ -452,7 +459,7 @@ def score_rows(
     whole = by_prefix.pop(-1, [])
     used = sorted(by_prefix)
     waves = plan_waves([len(prefixes[p]) for p in used], batch_tokens, max_batch_size)
-    runner = _Runner(model, batch_tokens, max_batch_size, out, spans, progress)
+    runner = _Runner(model, batch_tokens, max_batch_size, out, spans, progress, should_stop)
     if not waves:
         runner.run_wave([], [], whole)
     for n, wave in enumerate(waves):
@@ -474,9 +481,12 @@ class _Runner:
         out: list[float],
         spans: list[tuple[int, int] | None],
         progress: Callable[[int], None] | None,
+        should_stop: StopCheck | None = None,
     ) -> None:
         self.model, self.batch_tokens, self.max_batch_size = model, batch_tokens, max_batch_size
         self.out, self.spans, self.progress = out, spans, progress
+        self.should_stop = should_stop
+        self.passes = 0
 
     def run_wave(self, prefix_ids: list[list[int]], members: list[int], rows: list[Row]) -> None:
         if not rows:
@@ -527,8 +537,12 @@ class _Runner:
             self.progress(len(rows))
 
     def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.should_stop is not None and self.should_stop():
+            raise ScoringStopped(f"stopped after {self.passes} forward passes")
         with self.model.lock:
-            return fn(*args)
+            result = fn(*args)
+        self.passes += 1
+        return result
 
     def _after_oom(self, what: str) -> None:
         if self.model.device.type == "cuda":

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, score_rows
 from .device import resolve_device, resolve_dtype
-from .protocol import GroupScores, ScoreGroup
+from .protocol import GroupScores, ScoreGroup, StopCheck
 from .scoring import BaseReranker
 from .settings import DEFAULT_MAX_LENGTH, RerankerSettings
 from .sources import resolve_model_dir, validate_model_dir
@@ -275,7 +275,9 @@ class Reranker(BaseReranker):
 
     # -- the backend primitive ------------------------------------------------------------------
 
-    def _score_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
+    def _score_groups(
+        self, groups: list[ScoreGroup], show_progress: bool, should_stop: StopCheck | None = None
+    ) -> list[GroupScores]:
         encoded = [self._encode(group) for group in groups]
         prefixes: list[list[int]] = []
         rows: list[Row] = []
@@ -301,6 +303,7 @@ class Reranker(BaseReranker):
                 batch_tokens=self.batch_tokens,
                 max_batch_size=self.max_batch_size,
                 progress=None if bar is None else bar.update,
+                should_stop=should_stop,
             )
         finally:
             if bar is not None:

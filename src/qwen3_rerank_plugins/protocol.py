@@ -15,7 +15,16 @@ from .results import ConfidenceBands, FallbackRerank, RerankResult
 from .templates import InstructionTemplate
 from .validation import Document
 
-__all__ = ["GroupScores", "LocalScorer", "ScoreGroup", "Scorer"]
+__all__ = ["GroupScores", "LocalScorer", "ScoreGroup", "Scorer", "ScoringStopped", "StopCheck"]
+
+#: Asked between forward passes (or requests); once it returns ``True`` the backend stops and
+#: raises :class:`ScoringStopped`. The service's batcher passes one that is true when every
+#: client of a merged batch has hung up.
+StopCheck = Callable[[], bool]
+
+
+class ScoringStopped(RuntimeError):
+    """Scoring was stopped part-way because its ``should_stop`` check said so; nothing is returned."""
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,19 @@ class Scorer(Protocol):
     def with_settings(self, **settings: Any) -> Scorer: ...
 
     def score_groups(
-        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+        self,
+        groups: Sequence[ScoreGroup],
+        *,
+        show_progress: bool | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[GroupScores]: ...
 
     async def ascore_groups(
-        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+        self,
+        groups: Sequence[ScoreGroup],
+        *,
+        show_progress: bool | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[GroupScores]: ...
 
     def score(

@@ -42,7 +42,7 @@ from .client import (
     RerankServiceError,
     RetryPolicy,
 )
-from .protocol import GroupScores, ScoreGroup
+from .protocol import GroupScores, ScoreGroup, ScoringStopped, StopCheck
 from .results import ConfidenceBands, log_odds
 from .scoring import BaseReranker
 from .settings import RerankerSettings
@@ -291,21 +291,31 @@ class RemoteReranker(BaseReranker):
 
     # -- the backend primitive ------------------------------------------------------------------
 
-    def _score_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
+    def _score_groups(
+        self, groups: list[ScoreGroup], show_progress: bool, should_stop: StopCheck | None = None
+    ) -> list[GroupScores]:
         """One request per group (split further when long); scores are the server's.
 
         Raises:
             RerankServiceError: The service refused a request, failed, or could not be reached.
+            ScoringStopped: ``should_stop`` returned ``True`` before a group's request.
         """
         out = []
         for group in groups:
+            if should_stop is not None and should_stop():
+                raise ScoringStopped(f"stopped after {len(out)} of {len(groups)} requests")
             hits = self._conn.sync.rerank(**self._request(group))
             self._conn.learn(self._conn.sync)
             out.append(self._scores(hits, len(group.texts)))
         return out
 
-    async def _ascore_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
-        """The groups' requests in flight together over the loop's pooled async client."""
+    async def _ascore_groups(
+        self, groups: list[ScoreGroup], show_progress: bool, should_stop: StopCheck | None = None
+    ) -> list[GroupScores]:
+        """The groups' requests in flight together over the loop's pooled async client
+        (``should_stop`` is asked once, before they are sent)."""
+        if should_stop is not None and should_stop():
+            raise ScoringStopped(f"stopped before sending {len(groups)} requests")
         client = self._conn.async_client()
 
         async def one(group: ScoreGroup) -> GroupScores:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .fallback import arerank_with_fallback, rerank_with_fallback
-from .protocol import GroupScores, ScoreGroup
+from .protocol import GroupScores, ScoreGroup, StopCheck
 from .results import ConfidenceBands, FallbackRerank, RerankResult, rank_results, sigmoid
 from .settings import RerankerSettings
 from .templates import InstructionTemplate, resolve_instruction
@@ -50,13 +50,22 @@ class BaseReranker:
 
     # -- the backend primitive ------------------------------------------------------------------
 
-    def _score_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
-        """Log-odds for each group's documents (groups are validated and non-empty)."""
+    def _score_groups(
+        self, groups: list[ScoreGroup], show_progress: bool, should_stop: StopCheck | None = None
+    ) -> list[GroupScores]:
+        """Log-odds for each group's documents (groups are validated and non-empty).
+
+        ``should_stop``, when given, is asked between units of work (forward passes, requests);
+        once it returns ``True`` the backend raises
+        :class:`~qwen3_rerank_plugins.protocol.ScoringStopped`.
+        """
         raise NotImplementedError
 
-    async def _ascore_groups(self, groups: list[ScoreGroup], show_progress: bool) -> list[GroupScores]:
+    async def _ascore_groups(
+        self, groups: list[ScoreGroup], show_progress: bool, should_stop: StopCheck | None = None
+    ) -> list[GroupScores]:
         """:meth:`_score_groups` without blocking the event loop (default: in a worker thread)."""
-        return await asyncio.to_thread(self._score_groups, groups, show_progress)
+        return await asyncio.to_thread(self._score_groups, groups, show_progress, should_stop)
 
     def _check_settings(self, settings: RerankerSettings) -> RerankerSettings:
         """Checks of new settings that need the backend (default: none)."""
@@ -97,7 +106,11 @@ class BaseReranker:
     # -- scoring --------------------------------------------------------------------------------
 
     def score_groups(
-        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+        self,
+        groups: Sequence[ScoreGroup],
+        *,
+        show_progress: bool | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[GroupScores]:
         """Score several queries' documents at once (the backend may batch them together).
 
@@ -108,28 +121,43 @@ class BaseReranker:
             groups: :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` objects; an instruction
                 may be a template name or free text (``None``: this reranker's default).
             show_progress: Override the progress-bar setting for this call.
+            should_stop: Asked between forward passes (the remote backend: between requests);
+                once it returns ``True`` the call stops and raises
+                :class:`~qwen3_rerank_plugins.protocol.ScoringStopped`. The service's batcher
+                uses it to stop a batch whose every client has hung up.
 
         Returns:
             One :class:`~qwen3_rerank_plugins.protocol.GroupScores` per group, in order.
+
+        Raises:
+            ScoringStopped: ``should_stop`` returned ``True`` before the last pass.
         """
         checked = self._checked_groups(groups)
         busy = [i for i, g in enumerate(checked) if g.texts]
         out = [GroupScores([], 0) for _ in checked]
         if busy:
-            scored = self._score_groups([checked[i] for i in busy], self._progress(show_progress))
+            scored = self._score_groups(
+                [checked[i] for i in busy], self._progress(show_progress), should_stop
+            )
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out
 
     async def ascore_groups(
-        self, groups: Sequence[ScoreGroup], *, show_progress: bool | None = None
+        self,
+        groups: Sequence[ScoreGroup],
+        *,
+        show_progress: bool | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[GroupScores]:
         """:meth:`score_groups` without blocking the event loop."""
         checked = self._checked_groups(groups)
         busy = [i for i, g in enumerate(checked) if g.texts]
         out = [GroupScores([], 0) for _ in checked]
         if busy:
-            scored = await self._ascore_groups([checked[i] for i in busy], self._progress(show_progress))
+            scored = await self._ascore_groups(
+                [checked[i] for i in busy], self._progress(show_progress), should_stop
+            )
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out

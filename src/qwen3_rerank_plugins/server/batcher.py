@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..protocol import ScoreGroup, Scorer
+from ..protocol import ScoreGroup, Scorer, ScoringStopped, StopCheck
 
 __all__ = [
     "BatcherClosedError",
@@ -239,8 +239,13 @@ class MicroBatcher:
                 item.future.set_result(outcome)
 
     def _score_batch(self, batch: list[_Pending]) -> list[ScoredRequest | Exception]:
-        """Runs in the worker thread: one engine call for the whole batch."""
-        return score_requests(self.reranker, batch, observer=self.observer)
+        """Runs in the worker thread: one engine call for the whole batch, stopped between
+        forward passes once every one of its clients has hung up (nobody waits for it)."""
+
+        def abandoned() -> bool:
+            return all(item.future.done() for item in batch)
+
+        return score_requests(self.reranker, batch, observer=self.observer, should_stop=abandoned)
 
 
 class ScoreRequest(NamedTuple):
@@ -257,7 +262,11 @@ class ScoreRequest(NamedTuple):
 
 
 def score_requests(
-    reranker: Scorer, requests: Sequence[Any], *, observer: BatchObserver | None = None
+    reranker: Scorer,
+    requests: Sequence[Any],
+    *,
+    observer: BatchObserver | None = None,
+    should_stop: StopCheck | None = None,
 ) -> list[ScoredRequest | Exception]:
     """Score several requests with one engine call, each failure kept to its request.
 
@@ -272,13 +281,18 @@ def score_requests(
             attributes (such as :class:`ScoreRequest`), and optionally ``max_query_tokens``,
             ``max_doc_tokens``, ``long_documents`` and ``max_windows``.
         observer: Called after each engine call with (requests merged, pairs, seconds).
+        should_stop: Asked by the engine between forward passes; once it returns ``True`` the
+            work stops and every request gets :class:`~qwen3_rerank_plugins.protocol.ScoringStopped`.
 
     Returns:
         For each request, in order, its :class:`ScoredRequest` or the exception it raised.
     """
     items = list(requests)
     try:
-        return list(_score_together(reranker, items, observer))
+        return list(_score_together(reranker, items, observer, should_stop))
+    except ScoringStopped as exc:
+        logger.info("stopped a batch of %d requests whose clients had all gone (%s)", len(items), exc)
+        return [exc] * len(items)
     except Exception as exc:
         if len(items) == 1:
             return [exc]
@@ -287,13 +301,13 @@ def score_requests(
     # the others stay batched together (a one-by-one retry would let one bad request turn a
     # merged batch into n single ones).
     half = len(items) // 2
-    return score_requests(reranker, items[:half], observer=observer) + score_requests(
-        reranker, items[half:], observer=observer
-    )
+    return score_requests(
+        reranker, items[:half], observer=observer, should_stop=should_stop
+    ) + score_requests(reranker, items[half:], observer=observer, should_stop=should_stop)
 
 
 def _score_together(
-    reranker: Scorer, items: list[Any], observer: BatchObserver | None
+    reranker: Scorer, items: list[Any], observer: BatchObserver | None, should_stop: StopCheck | None
 ) -> list[ScoredRequest]:
     groups = [
         ScoreGroup(
@@ -308,7 +322,7 @@ def _score_together(
         for item in items
     ]
     start = time.perf_counter()
-    scored = reranker.score_groups(groups)
+    scored = reranker.score_groups(groups, should_stop=should_stop)
     elapsed = time.perf_counter() - start
     if observer is not None:
         with contextlib.suppress(Exception):
