@@ -245,6 +245,12 @@ def test_a_bad_body_timeout_is_refused_at_start_up(reranker: Reranker, body_time
 # -- clients that hang up ---------------------------------------------------------------------------
 
 
+def _wait_for_hang_up(url: str, path: str, before: dict[Any, float]) -> None:
+    """Until ``/metrics`` counts one more 499 answer on ``path`` than ``before`` did."""
+    key = _answered(path, 499)
+    wait_for(lambda: _metrics(url).get(key, 0) > before.get(key, 0), 30, f"a hang-up on {path} to be counted")
+
+
 def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
     reranker: Reranker, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,14 +262,7 @@ def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
                 with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
                     sock.sendall(_head(path, f"Content-Length: {len(body)}") + body[: len(body) // 2])
                     time.sleep(0.1)  # the server has read the first half
-            wait_for(
-                lambda: (
-                    _metrics(server.url).get(_answered("/rank", 499), 0)
-                    > before.get(_answered("/rank", 499), 0)
-                ),
-                30,
-                "the hang-ups to be counted",
-            )
+            _wait_for_hang_up(server.url, "/rank", before)
         after = _metrics(server.url)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             _check_answer(
@@ -298,14 +297,7 @@ def test_a_running_request_whose_client_hangs_up_stops_between_forward_passes(re
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
                 sock.sendall(_head("/v1/rerank", f"Content-Length: {len(body)}") + body)
                 wait_for(lambda: len(passes) >= 2, 30, "the request to start running")
-            wait_for(
-                lambda: (
-                    _metrics(server.url).get(_answered("/v1/rerank", 499), 0)
-                    > before.get(_answered("/v1/rerank", 499), 0)
-                ),
-                30,
-                "the hang-up to be counted",
-            )
+            _wait_for_hang_up(server.url, "/v1/rerank", before)
             time.sleep(0.3)  # what would still run if the batch were not stopped
             stopped_at = len(passes)
             with httpx.Client(base_url=server.url, timeout=30) as client:
