@@ -111,6 +111,29 @@ def test_instructions_and_settings(remote: RemoteReranker, reranker: Reranker) -
         remote.with_settings(colour="red")
 
 
+def test_should_stop_is_asked_before_each_request(remote: RemoteReranker, reranker: Reranker) -> None:
+    from qwen3_rerank_plugins import ScoreGroup, ScoringStopped
+
+    groups = [ScoreGroup(QUERY, TEXTS), ScoreGroup("路灯不亮", TEXTS[:2]), ScoreGroup(QUERY, TEXTS[2:])]
+    asked: list[int] = []
+
+    def second_time() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(ScoringStopped, match="after 1 of 3 requests"):
+        remote.score_groups(groups, should_stop=second_time)
+    assert len(asked) == 2  # nothing was sent after the check said stop
+    with pytest.raises(ScoringStopped, match="before sending 3 requests"):
+        asyncio.run(remote.ascore_groups(groups, should_stop=lambda: True))
+    for got, want in zip(
+        asyncio.run(remote.ascore_groups(groups, should_stop=lambda: False)),
+        reranker.score_groups(groups),
+        strict=True,
+    ):
+        assert got.logits == pytest.approx(want.logits, abs=1e-4)
+
+
 def test_model_name_is_learned_from_answers_without_asking(reranker: Reranker) -> None:
     front = Front(create_app(reranker))
     with live_server(front) as base_url, RemoteReranker(base_url) as rr:
