@@ -923,7 +923,8 @@ def test_rank_jsonl_is_the_batch_job_from_python(
     out.write_text("".join(finished[:10]) + finished[10][:20], encoding="utf-8")
     again = rank_jsonl(engine, source, out, resume=True)
     assert (again.records, again.skipped) == (20, 10)
-    _check_rankings([json.loads(line) for line in out.read_text("utf-8").splitlines()], records, batch_expected)
+    resumed = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    _check_rankings(resumed, records, batch_expected)
 
     # Streams in and out; a bad record is skipped and reported by line, or stops the job.
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records[:3]]

@@ -108,7 +108,7 @@ def test_load_jsonl_shares_one_pool(tmp_path: Path) -> None:
         ('["a list"]', r"line 2 must be a JSON object"),
         ('{"positives": ["x"]}', r"line 2 needs a non-empty string 'query'"),
         ('{"query": "q", "negatives": ["x"]}', r"line 2 needs at least one document in 'positives'"),
-        ('{"query": "q", "positives": [""]}', r"line 2: positives\[0\] must be a non-empty string"),
+        ('{"query": "q", "positives": [{"id": 1}]}', r"line 2: positives\[0\] is a mapping without a 'text'"),
         ('{"query": "q", "positives": ["x"], "negatives": 3}', r"line 2: 'negatives' must be a list"),
     ],
 )

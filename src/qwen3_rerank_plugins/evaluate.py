@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._optional import require
+from .validation import document_text
 
 if TYPE_CHECKING:
     from .protocol import Scorer
@@ -191,11 +192,7 @@ class EvalDataset:
 
 
 def _doc_text(doc: Any, where: str) -> str:
-    if isinstance(doc, Mapping):
-        doc = doc.get("text")
-    if not isinstance(doc, str) or not doc.strip():
-        raise ValueError(f"{where} must be a non-empty string or an object with a non-empty 'text'")
-    return doc
+    return document_text(doc, where)  # the one document rule (empty text is scored, as the engine does)
 
 
 def _doc_list(record: Mapping[str, Any], names: tuple[str, str], where: str) -> list[Any]:
