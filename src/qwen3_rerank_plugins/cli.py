@@ -3,15 +3,20 @@
 Commands:
 
 * ``rank``: rank documents (one per line, from a file or stdin) for a query; table or JSON.
-* ``batch``: rank many queries (JSONL records from a file or stdin), one JSONL ranking per record.
+* ``batch``: rank many queries (JSONL records from a file or stdin), one JSONL ranking per record
+  (the job is :func:`qwen3_rerank_plugins.batch.rank_jsonl`, callable from Python).
 * ``serve``: the HTTP rerank service (extra ``[server]``).
 * ``ui``: the web page (extra ``[ui]``).
 * ``templates``: list the named instruction templates.
 * ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking
   (:mod:`qwen3_rerank_plugins.evaluate` holds the evaluation itself).
 
-The option groups several commands share (model, confidence bands, logging) are built once as
-parent parsers; each command adds only its own options.
+This module only parses and dispatches: each command is an ``_add_<name>(subparsers, shared)``
+function listed in :data:`COMMANDS` (add a command by adding one there) whose ``func`` calls
+library functions a Python user can call too; logging setup and the model-not-found advice live
+in :mod:`qwen3_rerank_plugins.console`. The option groups several commands share (model,
+confidence bands, logging) are built once as parent parsers; each command adds only its own
+options.
 
 Errors end the command with ``error: <one line>`` on stderr and exit status 1 (2 for usage
 errors, 130 when interrupted, 141 when the reader of stdout went away); a model that cannot be
@@ -842,6 +847,17 @@ def _add_evaluate(subparsers: Any, shared: _SharedOptions) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+#: The subcommands, in help order: each adds its subparser and sets ``func``.
+COMMANDS: list[Callable[[Any, _SharedOptions], None]] = [
+    _add_rank,
+    _add_batch,
+    _add_serve,
+    _add_ui,
+    _add_templates,
+    _add_evaluate,
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``qwen3-rerank`` argument parser."""
     parser = _Parser(
@@ -852,7 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_arguments(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     shared = _SharedOptions.build()
-    for add in (_add_rank, _add_batch, _add_serve, _add_ui, _add_templates, _add_evaluate):
+    for add in COMMANDS:
         add(subparsers, shared)
     return parser
 
