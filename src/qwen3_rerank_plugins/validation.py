@@ -41,7 +41,16 @@ def check_query(query: Any, name: str = "query") -> str:
 
 
 def document_text(doc: Any, label: str) -> str:
-    """The text of one document (a string, or a mapping with a ``"text"`` string)."""
+    """The text of one document (a string, or a mapping with a ``"text"`` string).
+
+    The one document rule, used by the engine, the client, the batch job and evaluate. Empty
+    text is accepted: the model card's recipe scores an empty document like any other (a low
+    score), so refusing it would only break a batch over one blank record.
+
+    Raises:
+        TypeError: ``doc`` is neither, or its ``"text"`` is not a string (``label`` names it).
+        ValueError: A mapping without a ``"text"`` key.
+    """
     if isinstance(doc, str):
         return doc
     if isinstance(doc, Mapping):
