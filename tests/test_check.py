@@ -203,3 +203,12 @@ def test_check_command_exit_status(
 def test_check_rejects_a_bad_url(engine: Reranker) -> None:
     with pytest.raises(ValueError, match="url must start with http"):
         check_server("localhost:8000", engine)
+
+
+def test_check_help_lists_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("url", "--tolerance", "--server-model", "--api-key", "--json", "--model", "--max-length"):
+        assert option in out

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -298,7 +299,11 @@ def _ask_server(
         body["model"] = model
     if case.instruction is not None:
         body["instruction"] = case.instruction
+    deadline = time.monotonic() + client.timeout.read if client.timeout.read else time.monotonic()
     response = client.post(endpoint, json=body)
+    while response.status_code == 503 and time.monotonic() < deadline:
+        time.sleep(1.0)  # a server that is still loading its model says so with 503
+        response = client.post(endpoint, json=body)
     if 400 <= response.status_code < 500:
         detail = response.text.strip().replace("\n", " ")[:200]
         return None, f"HTTP {response.status_code}: {detail}"
