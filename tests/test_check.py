@@ -52,7 +52,7 @@ def _log_odds(model: Any, tokenizer: Any, prompts: list[list[int]]) -> list[floa
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     out = []
     for ids in prompts:  # one at a time: no padding to get wrong
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
         out.append(float(logits[yes] - logits[no]))
     return out
 
