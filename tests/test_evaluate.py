@@ -479,3 +479,28 @@ def test_evaluate_command_compares_instructions(
     payload = json.loads(capsys.readouterr().out)
     assert payload["baseline"] == "similar_ticket" and set(payload["differences"]) == {"default"}
     assert payload["engine_calls"] == 1
+
+
+def test_the_datas_own_instruction_is_an_arm(reranker: Reranker, tmp_path: Path) -> None:
+    from qwen3_rerank_plugins.templates import resolve_instruction
+
+    lines = (ROOT / "examples" / "data" / "hotline_eval.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    own = resolve_instruction("similar_ticket")
+    records = [{**json.loads(line), "instruction": own} for line in lines]
+    data = load_jsonl(_write_jsonl(tmp_path / "own.jsonl", records))
+    assert all(q.instruction == own for q in data.queries)
+    report = compare_instructions(reranker, data, ["all"], first_stage="none", ks=[1], resamples=100)
+    assert list(report.metrics)[:2] == ["default", "data"] and "similar_ticket" in report.metrics
+    assert report.engine_calls == 1
+    # Every query's own instruction is similar_ticket's text: the same scores as that template.
+    assert report.metrics["data"] == report.metrics["similar_ticket"]
+    assert (
+        report.agreement["data"]["max |Δ log-odds|"] == report.agreement["similar_ticket"]["max |Δ log-odds|"]
+    )
+    with pytest.raises(ValueError, match="gives no query an 'instruction'"):
+        compare_instructions(reranker, _shipped("hotline_eval.jsonl", 2), ["data", None], first_stage="none")
+    (tmp_path / "bad.jsonl").write_text(
+        '{"query": "q", "positives": ["x"], "instruction": 3}\n', encoding="utf-8"
+    )
+    with pytest.raises(ValueError, match=r"line 1: 'instruction' must be a non-empty string"):
+        load_jsonl(tmp_path / "bad.jsonl")

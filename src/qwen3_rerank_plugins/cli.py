@@ -783,14 +783,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_dataset, plot_report
 
     _check_options(args)
-    instructions = _evaluate_instructions(args)
     if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise CommandError(f"--plot: the folder of {args.plot} does not exist")
     try:
         dataset = load_dataset(args.data, args.split)
     except FileNotFoundError as exc:
         raise CommandError(str(exc).strip("'\"")) from exc
-    if len(instructions) > 1 or args.compare_dtype or args.compare_model:
+    instructions = _evaluate_instructions(args, dataset)
+    if len(instructions) > 1 or "data" in instructions or args.compare_dtype or args.compare_model:
         return _evaluate_comparison(args, dataset, instructions)
     reranker = load_reranker(args)
     report = evaluate(
@@ -818,17 +818,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_instructions(args: argparse.Namespace) -> list[str | None]:
+def _evaluate_instructions(args: argparse.Namespace, dataset: Any) -> list[str | None]:
     """The instructions ``-i`` (repeatable) and ``--instructions`` ask for, checked before loading."""
-    from .evaluate import ALL_INSTRUCTIONS, instruction_arms
+    from .evaluate import ALL_INSTRUCTIONS, DATA_INSTRUCTION, DEFAULT_LABEL, instruction_arms
 
     given: list[str | None] = list(args.instruction_list or [])
     if args.instructions:
         given += [part.strip() for part in args.instructions.split(",") if part.strip()]
+    has_own = any(q.instruction for q in dataset.queries)
     for item in given:
-        if item not in (None, ALL_INSTRUCTIONS, "default"):
+        if item == DATA_INSTRUCTION and not has_own:
+            raise CommandError(f"-i data: {dataset.name} gives no query an 'instruction'")
+        if item not in (None, ALL_INSTRUCTIONS, DEFAULT_LABEL, DATA_INSTRUCTION):
             resolve_instruction(item)
-    return instruction_arms([None if i == "default" else i for i in given]) if given else []
+    given = [None if i == DEFAULT_LABEL else i for i in given]
+    return instruction_arms(given, data=has_own) if given else []
 
 
 def _evaluate_comparison(args: argparse.Namespace, dataset: Any, instructions: list[str | None]) -> int:
@@ -1158,8 +1162,8 @@ def _add_evaluate(subparsers: Any, shared: _SharedOptions) -> None:
         "-i",
         dest="instruction_list",
         action="append",
-        help="template name (see 'qwen3-rerank templates'), free text or 'default'; repeat it to compare "
-        "instructions on the same candidates",
+        help="template name (see 'qwen3-rerank templates'), free text, 'default' or 'data' (each query's "
+        "own 'instruction' from the data); repeat it to compare instructions on the same candidates",
     )
     _comparison_arguments(p)
     p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
@@ -1177,7 +1181,8 @@ def _comparison_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--instructions",
         metavar="all|NAME,...",
-        help="compare these instructions: 'all' (every template and the default) or comma-separated names",
+        help="compare these instructions: 'all' (every template, the default and the data's own) "
+        "or comma-separated names",
     )
     group.add_argument(
         "--baseline", help="label of the arm the others are compared with (default: the first)"

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL_INSTRUCTIONS",
     "BOOTSTRAP_RESAMPLES",
+    "DATA_INSTRUCTION",
     "FIRST_STAGES",
     "BM25Index",
     "ComparisonReport",
@@ -177,12 +178,15 @@ class EvalQuery:
         relevance: Relevance grade per document index; > 0 is relevant.
         candidates: The query's own candidate documents (JSONL positives and negatives), or
             ``None`` when every document of the pool is a candidate (BEIR).
+        instruction: The query's own instruction from the data (JSONL key ``"instruction"``),
+            used by the ``data`` arm of a comparison; ``None`` when the data gives none.
     """
 
     id: str
     text: str
     relevance: Mapping[int, float]
     candidates: tuple[int, ...] | None = None
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,9 @@ def load_jsonl(path: str | Path) -> EvalDataset:
             negatives = _doc_list(record, ("negatives", "negative"), where)
             if not positives:
                 raise ValueError(f"{where} needs at least one document in 'positives'")
+            instruction = record.get("instruction")
+            if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+                raise ValueError(f"{where}: 'instruction' must be a non-empty string when given")
             relevance: dict[int, float] = {}
             for i, doc in enumerate(positives):
                 relevance[doc_index(_doc_text(doc, f"{where}: positives[{i}]"))] = 1.0
@@ -278,6 +285,7 @@ def load_jsonl(path: str | Path) -> EvalDataset:
                     text=query,
                     relevance=relevance,
                     candidates=tuple(candidates),
+                    instruction=instruction,
                 )
             )
     if not queries:
@@ -708,6 +716,8 @@ PRIMARY_METRIC = "nDCG@10"
 ALL_INSTRUCTIONS = "all"
 #: Label of the reranker's own instruction (``None``) in a comparison.
 DEFAULT_LABEL = "default"
+#: The arm that gives each query its own instruction from the data (JSONL ``"instruction"``).
+DATA_INSTRUCTION = "data"
 
 
 @dataclass(frozen=True)
@@ -881,8 +891,9 @@ class ComparisonReport:
         return "\n".join(lines)
 
 
-def instruction_arms(instructions: Sequence[str | None]) -> list[str | None]:
-    """Expand a list of instructions: ``"all"`` becomes the reranker's own (``None``) and every template.
+def instruction_arms(instructions: Sequence[str | None], *, data: bool = False) -> list[str | None]:
+    """Expand a list of instructions: ``"all"`` becomes the reranker's own (``None``), the data's
+    own (``"data"``, when ``data`` is true) and every template.
 
     Duplicates are dropped, order kept.
 
@@ -894,9 +905,9 @@ def instruction_arms(instructions: Sequence[str | None]) -> list[str | None]:
 
     out: list[str | None] = []
     for item in instructions:
-        expanded = (
-            [None, *(t.name for t in list_instruction_templates())] if item == ALL_INSTRUCTIONS else [item]
-        )
+        own = [DATA_INSTRUCTION] if data else []
+        templates = [t.name for t in list_instruction_templates()]
+        expanded = [None, *own, *templates] if item == ALL_INSTRUCTIONS else [item]
         for one in expanded:
             if one not in out:
                 out.append(one)
@@ -1086,10 +1097,11 @@ def compare(
             instruction = arm.instruction
             if instruction is not None and not isinstance(instruction, str):
                 instruction = instruction.text
-            if isinstance(scorer, BaseReranker):
-                instruction = scorer._instruction_text(instruction)
             for query, pool in zip(dataset.queries, pools, strict=True):
-                groups.append(ScoreGroup(query.text, [dataset.documents[i] for i in pool], instruction))
+                own = query.instruction if instruction == DATA_INSTRUCTION else instruction
+                if isinstance(scorer, BaseReranker):
+                    own = scorer._instruction_text(own)
+                groups.append(ScoreGroup(query.text, [dataset.documents[i] for i in pool], own))
         start = time.perf_counter()
         scored = scorer.score_groups(groups, show_progress=show_progress)
         seconds += time.perf_counter() - start
@@ -1182,6 +1194,8 @@ def _arm_instruction_text(arm: Variant) -> str:
 
     if arm.instruction is None:
         return arm.scorer.instruction or resolve_instruction(None)
+    if arm.instruction == DATA_INSTRUCTION:
+        return "each query's own instruction from the data (the reranker's where it gives none)"
     return resolve_instruction(arm.instruction)
 
 
@@ -1199,7 +1213,8 @@ def compare_instructions(
         reranker: The engine.
         dataset: From :func:`load_dataset`.
         instructions: Template names, free text, ``None`` (the reranker's own instruction,
-            labelled ``default``) or ``"all"`` (every template and the reranker's own).
+            labelled ``default``), ``"data"`` (each query's own instruction from the data) or
+            ``"all"`` (the reranker's own, the data's own when it has one, and every template).
         baseline: The baseline's label (a template name, ``"default"`` or the clipped free text;
             default: the first instruction).
         **options: Passed to :func:`compare`.
@@ -1208,7 +1223,11 @@ def compare_instructions(
         >>> report = compare_instructions(reranker, data, ["all"], baseline="default")  # doctest: +SKIP
         >>> print(report.format())  # doctest: +SKIP
     """
-    arms = [Variant(instruction_label(i), reranker, i) for i in instruction_arms(instructions)]
+    has_own = any(q.instruction for q in dataset.queries)
+    if DATA_INSTRUCTION in instructions and not has_own:
+        raise ValueError(f"dataset {dataset.name!r} gives no query an 'instruction': no 'data' arm")
+    expanded = instruction_arms(instructions, data=has_own)
+    arms = [Variant(instruction_label(i), reranker, i) for i in expanded]
     return compare(arms, dataset, baseline=baseline, **options)
 
 
