@@ -431,7 +431,7 @@ def test_compare_instructions_on_a_shipped_set_batches_shared_pairs(reranker: Re
         assert report.metrics[label] == pytest.approx(alone.after)
     for label, diffs in report.differences.items():
         for name, iv in diffs.items():
-            assert iv.low <= iv.mean <= iv.high
+            assert iv.low <= iv.high  # a percentile interval; the observed mean is usually inside
             assert iv.mean == pytest.approx(report.metrics[label][name] - report.metrics["default"][name])
         assert -1.0 <= report.agreement[label]["spearman"] <= 1.0
     # A winner only where its interval excludes zero.
