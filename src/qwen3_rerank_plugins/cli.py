@@ -8,8 +8,10 @@ Commands:
 * ``serve``: the HTTP rerank service (extra ``[server]``).
 * ``ui``: the web page (extra ``[ui]``).
 * ``templates``: list the named instruction templates.
-* ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking
+* ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking, or several instructions,
+  dtypes or models compared with bootstrap intervals
   (:mod:`qwen3_rerank_plugins.evaluate` holds the evaluation itself).
+* ``check``: a ``/v1/rerank`` server against the exact recipe (:mod:`qwen3_rerank_plugins.check`).
 
 This module only parses and dispatches: each command is an ``_add_<name>(subparsers, shared)``
 function listed in :data:`COMMANDS` (add a command by adding one there) whose ``func`` calls
@@ -548,6 +550,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = load_dataset(args.data, args.split)
     except FileNotFoundError as exc:
         raise CommandError(str(exc).strip("'\"")) from exc
+    instructions = _evaluate_instructions(args, dataset)
+    if len(instructions) > 1 or "data" in instructions or args.compare_dtype or args.compare_model:
+        return _evaluate_comparison(args, dataset, instructions)
     reranker = load_reranker(args)
     report = evaluate(
         reranker,
@@ -555,7 +560,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         first_stage=args.first_stage,
         ks=args.k,
         candidates=args.candidates,
-        instruction=args.instruction,
+        instruction=instructions[0] if instructions else None,
         seed=args.seed,
         show_progress=args.progress,
     )
@@ -572,6 +577,81 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out = plot_report(report, args.plot, title=title)
         logger.info("Wrote the chart to %s", out)
     return 0
+
+
+def _evaluate_instructions(args: argparse.Namespace, dataset: Any) -> list[str | None]:
+    """The instructions ``-i`` (repeatable) and ``--instructions`` ask for, checked before loading."""
+    from .evaluate import ALL_INSTRUCTIONS, DATA_INSTRUCTION, DEFAULT_LABEL, instruction_arms
+
+    given: list[str | None] = list(args.instruction_list or [])
+    if args.instructions:
+        given += [part.strip() for part in args.instructions.split(",") if part.strip()]
+    has_own = any(q.instruction for q in dataset.queries)
+    for item in given:
+        if item == DATA_INSTRUCTION and not has_own:
+            raise CommandError(f"-i data: {dataset.name} gives no query an 'instruction'")
+        if item not in (None, ALL_INSTRUCTIONS, DEFAULT_LABEL, DATA_INSTRUCTION):
+            resolve_instruction(item)
+    given = [None if i == DEFAULT_LABEL else i for i in given]
+    return instruction_arms(given, data=has_own) if given else []
+
+
+def _evaluate_comparison(args: argparse.Namespace, dataset: Any, instructions: list[str | None]) -> int:
+    """Several instructions, dtypes or models on the same candidates, with bootstrap intervals."""
+    from .evaluate import Variant, compare, instruction_label, plot_comparison
+
+    scorers: list[tuple[str, Any]] = []
+    if args.compare_dtype:
+        base_dtype = args.dtype if args.dtype != "auto" else "float32"
+        scorers.append((base_dtype, load_reranker(argparse.Namespace(**{**vars(args), "dtype": base_dtype}))))
+        for dtype in args.compare_dtype:
+            scorers.append((dtype, load_reranker(argparse.Namespace(**{**vars(args), "dtype": dtype}))))
+    else:
+        reranker = load_reranker(args)
+        scorers.append((reranker.model_name, reranker))
+    for model in args.compare_model or []:
+        other = load_reranker(args, model=model)
+        scorers.append((Path(str(model)).name or other.model_name, other))
+    arms = []
+    for scorer_label, scorer in scorers:
+        for instruction in instructions or [None]:
+            if len(scorers) > 1 and len(instructions) > 1:
+                label = f"{scorer_label}/{instruction_label(instruction)}"
+            else:
+                label = scorer_label if len(scorers) > 1 else instruction_label(instruction)
+            arms.append(Variant(label, scorer, instruction))
+    report = compare(
+        arms,
+        dataset,
+        baseline=args.baseline,
+        first_stage=args.first_stage,
+        ks=args.k,
+        candidates=args.candidates,
+        seed=args.seed,
+        resamples=args.resamples,
+        bootstrap_seed=args.bootstrap_seed,
+        show_progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
+    else:
+        if args.demo:
+            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
+        print(report.format())
+    if args.plot:
+        title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: meaningless numbers" if args.demo else None
+        logger.info("Wrote the chart to %s", plot_comparison(report, args.plot, title=title))
+    return 0
+
+
+# -- check ------------------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    _check_options(args)
+    return run_check(args, load_reranker(args))
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -838,13 +918,71 @@ def _add_evaluate(subparsers: Any, shared: _SharedOptions) -> None:
         default=50,
         help="BM25 candidates per query to rerank (default: 50)",
     )
-    p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
+    p.add_argument(
+        "--instruction",
+        "-i",
+        dest="instruction_list",
+        action="append",
+        help="template name (see 'qwen3-rerank templates'), free text, 'default' or 'data' (each query's "
+        "own 'instruction' from the data); repeat it to compare instructions on the same candidates",
+    )
+    _comparison_arguments(p)
     p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
     p.add_argument("--split", default="test", help="qrels split of a BEIR directory (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random order for --first-stage none")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import BOOTSTRAP_RESAMPLES
+
+    group = parser.add_argument_group("comparison (paired bootstrap over queries)")
+    group.add_argument(
+        "--instructions",
+        metavar="all|NAME,...",
+        help="compare these instructions: 'all' (every template, the default and the data's own) "
+        "or comma-separated names",
+    )
+    group.add_argument(
+        "--baseline", help="label of the arm the others are compared with (default: the first)"
+    )
+    group.add_argument(
+        "--compare-dtype",
+        action="append",
+        metavar="DTYPE",
+        help="also score in this dtype and compare with float32 (or --dtype): metrics and rank agreement",
+    )
+    group.add_argument(
+        "--compare-model", action="append", metavar="ID_OR_DIR", help="also score with this model and compare"
+    )
+    group.add_argument(
+        "--resamples",
+        type=_positive_int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"bootstrap resamples (default: {BOOTSTRAP_RESAMPLES})",
+    )
+    group.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed (default: 0)")
+
+
+def _add_check(subparsers: Any, shared: _SharedOptions) -> None:
+    from .check import EXIT_MISMATCH, add_check_arguments
+
+    p = subparsers.add_parser(
+        "check",
+        parents=[shared.model, shared.logging],
+        help="check a /v1/rerank server against the exact recipe on the same weights",
+        description=(
+            "Send a fixed battery of cases to a server speaking /v1/rerank (this service, vLLM, llama.cpp, "
+            "Xinference, Infinity), score them with the local exact engine on the same weights (--model, "
+            "--max-length as the server's), report per case class the largest differences and the rank "
+            f"agreement, and name the likely cause. Exit status {EXIT_MISMATCH} beyond --tolerance."
+        ),
+        epilog="example: qwen3-rerank check http://127.0.0.1:8000 --model /models/Qwen3-Reranker-0.6B",
+    )
+    add_check_arguments(p)
+    p.set_defaults(func=_cmd_check)
 
 
 #: The subcommands, in help order: each adds its subparser and sets ``func``.
@@ -855,6 +993,7 @@ COMMANDS: list[Callable[[Any, _SharedOptions], None]] = [
     _add_ui,
     _add_templates,
     _add_evaluate,
+    _add_check,
 ]
 
 
