@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .device import resolve_device, resolve_dtype
+from .device import resolve_device, resolve_precision
 from .engine import Reranker
 from .protocol import Scorer
 from .settings import RerankerSettings
@@ -88,7 +88,7 @@ def get_reranker(
         return _get_remote(base_url, api_key, settings)
     checked = RerankerSettings.from_kwargs(**settings)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision = resolve_precision(dtype, torch_device)
     name = os.fspath(model_name_or_path)
     local = Path(name).expanduser()
     if local.is_dir():
@@ -96,7 +96,7 @@ def get_reranker(
     weights = _Weights(
         name,
         str(torch_device),
-        str(torch_dtype).removeprefix("torch."),
+        precision.name,
         source,
         revision,
         None if cache_dir is None else os.fspath(cache_dir),
@@ -120,7 +120,7 @@ def get_reranker(
             reranker = Reranker.from_pretrained(
                 model_name_or_path,
                 device=torch_device,
-                dtype=torch_dtype,
+                dtype=precision.quantization or precision.dtype,
                 source=source,
                 revision=revision,
                 cache_dir=cache_dir,
