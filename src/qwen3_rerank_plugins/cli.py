@@ -110,7 +110,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
     )
-    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or int8 (CPU)")
     group.add_argument(
         "--source",
         default="auto",

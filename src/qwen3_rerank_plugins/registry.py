@@ -94,12 +94,12 @@ def get_reranker(
         return _get_remote(base_url, api_key, settings, timeout=timeout, on_overload=on_overload)
     if timeout is not None or on_overload != "raise":
         raise TypeError("timeout and on_overload apply to a remote service: pass base_url= too")
-    from .device import resolve_device, resolve_dtype  # torch: only for a local model
+    from .device import resolve_device, resolve_precision  # torch: only for a local model
     from .engine import Reranker
 
     checked = RerankerSettings.from_kwargs(**settings)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision = resolve_precision(dtype, torch_device)
     name = os.fspath(model_name_or_path)
     local = Path(name).expanduser()
     if local.is_dir():
@@ -107,7 +107,7 @@ def get_reranker(
     weights = _Weights(
         name,
         str(torch_device),
-        str(torch_dtype).removeprefix("torch."),
+        precision.name,
         source,
         revision,
         None if cache_dir is None else os.fspath(cache_dir),
@@ -131,7 +131,7 @@ def get_reranker(
             reranker = Reranker.from_pretrained(
                 model_name_or_path,
                 device=torch_device,
-                dtype=torch_dtype,
+                dtype=precision.quantization or precision.dtype,
                 source=source,
                 revision=revision,
                 cache_dir=cache_dir,
