@@ -45,8 +45,9 @@ require("starlette", "ray", "Serving on Ray Serve")
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 
+from .protocol import ScoreGroup  # noqa: E402
 from .results import ConfidenceBands  # noqa: E402
-from .server.batcher import ScoredRequest, ScoreRequest, score_requests  # noqa: E402
+from .server.batcher import ScoredRequest, score_requests  # noqa: E402
 from .server.handlers import check_bearer, rank_response, read_json, rerank_response  # noqa: E402
 from .server.schemas import RequestError, error_body  # noqa: E402
 from .server_defaults import (  # noqa: E402
@@ -179,10 +180,8 @@ class RerankDeployment:
     def _check_auth(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self.api_key)
 
-    async def _scored(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
-    ) -> tuple[list[float], int | None, list[tuple[int, int] | None] | None]:
-        outcome = await self._score(ScoreRequest(query, texts, instruction, count_tokens, **limits))
+    async def _scored(self, group: ScoreGroup) -> ScoredRequest:
+        outcome = await self._score(group)
         if isinstance(outcome, (ValueError, TypeError)):
             raise RequestError(str(outcome), status_code=422, param=getattr(outcome, "param", None))
         if isinstance(outcome, Exception):
@@ -190,12 +189,12 @@ class RerankDeployment:
             raise RequestError(
                 f"scoring failed: {type(outcome).__name__}: {outcome}", status_code=500, type="internal_error"
             )
-        return outcome.logits, outcome.total_tokens, outcome.spans
+        return outcome
 
     # -- batching -------------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=DEFAULT_RAY_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
-    async def _score(self, requests: list[ScoreRequest]) -> list[ScoredRequest | Exception]:
+    async def _score(self, requests: list[ScoreGroup]) -> list[ScoredRequest | Exception]:
         """Concurrent requests of this replica, merged into one engine call (across queries)."""
         return await asyncio.to_thread(score_requests, self.reranker, requests)
 

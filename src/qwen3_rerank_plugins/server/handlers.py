@@ -12,14 +12,16 @@ import hmac
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.requests import ClientDisconnect
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
+from ..protocol import ScoreGroup
 from ..results import ConfidenceBands, rank_results, sigmoid
 from ..templates import list_instruction_templates, resolve_instruction, suggest_template_name
+from .batcher import ScoredRequest
 from .schemas import (
     RankRequest,
     RequestError,
@@ -39,21 +41,10 @@ __all__ = [
 ]
 
 
-class ScoreFn(Protocol):
-    """How a front end scores one request.
-
-    ``await score(query, texts, instruction, count_tokens, **limits)`` -> ``(logits in input
-    order, tokens, spans)``; ``tokens`` may be ``None`` when ``count_tokens`` is false, ``spans``
-    is ``None`` unless a document was read in windows (then the best window's ``(start, end)``
-    per document, ``None`` for those read whole). ``limits`` holds only the request's caps that
-    are set (``max_doc_tokens``, ``max_query_tokens``, ``long_documents``, ``max_windows``: the
-    engine's keywords), so a request without any calls it with four arguments. Raises
-    :class:`RequestError`.
-    """
-
-    def __call__(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
-    ) -> Awaitable[tuple[list[float], int | None, list[tuple[int, int] | None] | None]]: ...
+#: How a front end scores one request's group: ``await score(group)`` -> its
+#: :class:`~.batcher.ScoredRequest` (log-odds in input order, prompt tokens, spans of documents
+#: read in windows). Raises :class:`RequestError`.
+ScoreFn = Callable[[ScoreGroup], Awaitable[ScoredRequest]]
 
 
 TEI_PATH = "/rerank"
@@ -165,7 +156,7 @@ async def rerank_response(
     """
     if path.rstrip("/") == TEI_PATH and "texts" in body and "documents" not in body:
         tei = parse_tei(body, max_documents=max_documents)
-        logits, _, _ = await score(tei.query, tei.texts, tei.instruction, False, **tei.limits.as_kwargs())
+        logits = (await score(tei.to_group())).logits
         out = []
         for r in rank_results(logits, tei.texts, bands=_NO_BANDS, top_n=tei.top_n):
             item: dict[str, Any] = {"index": r.index, "score": r.logit if tei.raw_scores else r.score}
@@ -174,7 +165,8 @@ async def rerank_response(
             out.append(item)
         return out
     req = parse_rerank(body, max_documents=max_documents)
-    logits, tokens, spans = await score(req.query, req.texts, req.instruction, True, **req.limits.as_kwargs())
+    scored = await score(req.to_group())
+    logits, tokens, spans = scored.logits, scored.total_tokens, scored.spans
     documents = req.documents if req.documents is not None else req.texts
     results = []
     for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n, spans=spans):
@@ -231,8 +223,8 @@ async def rank_response(
     req = parse_rank(body, max_documents=max_documents)
 
     async def attempt(query: str) -> RerankAttempt:
-        logits, _, spans = await score(query, req.texts, req.instruction, False, **req.limits.as_kwargs())
-        return _attempt(req, query, logits, bands, spans)
+        scored = await score(req.to_group(query))
+        return _attempt(req, query, scored.logits, bands, scored.spans)
 
     first = await attempt(req.query)
     extra: dict[str, Any] = {}

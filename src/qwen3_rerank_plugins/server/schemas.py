@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol import ScoreGroup
+
 __all__ = [
     "RankRequest",
     "RequestError",
@@ -135,6 +137,12 @@ class RerankRequest:
     limits: TokenLimits = TokenLimits()
     truncate_prompt_tokens: int | None = None
 
+    def to_group(self, query: str | None = None) -> ScoreGroup:
+        """This request's work for the engine (``query`` replaces its own, for a retry)."""
+        return ScoreGroup(
+            self.query if query is None else query, self.texts, self.instruction, **self.limits.as_kwargs()
+        )
+
 
 @dataclass(frozen=True)
 class TeiRerankRequest:
@@ -148,6 +156,12 @@ class TeiRerankRequest:
     top_n: int | None = None
     limits: TokenLimits = TokenLimits()
 
+    def to_group(self, query: str | None = None) -> ScoreGroup:
+        """This request's work for the engine (``query`` replaces its own, for a retry)."""
+        return ScoreGroup(
+            self.query if query is None else query, self.texts, self.instruction, **self.limits.as_kwargs()
+        )
+
 
 @dataclass(frozen=True)
 class RankRequest:
@@ -160,6 +174,12 @@ class RankRequest:
     instruction: str | None
     fallback: bool = False
     limits: TokenLimits = TokenLimits()
+
+    def to_group(self, query: str | None = None) -> ScoreGroup:
+        """This request's work for the engine (``query`` replaces its own, for a retry)."""
+        return ScoreGroup(
+            self.query if query is None else query, self.texts, self.instruction, **self.limits.as_kwargs()
+        )
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
