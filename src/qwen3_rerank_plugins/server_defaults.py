@@ -28,7 +28,6 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_TOKENS",
     "DEFAULT_MODEL",
     "DEFAULT_PORT",
-    "DEFAULT_RAY_MAX_BATCH_SIZE",
     "DEFAULT_UI_PORT",
     "ServiceConfig",
     "api_key_from_env",
@@ -46,12 +45,10 @@ DEFAULT_MAX_DOCUMENTS = 1000
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: How long an idle batcher waits after a first request for others to join it.
 DEFAULT_BATCH_WAIT_MS = 2.0
-#: Most (query, document) pairs the plain server's batcher merges into one engine call.
+#: Most (query, document) pairs a batcher (of the plain server or a Ray replica) merges into one engine call.
 DEFAULT_MAX_BATCH_PAIRS = 256
 #: Most requests waiting to be scored (503 beyond).
 DEFAULT_MAX_QUEUE = 1024
-#: Most requests one Ray Serve replica merges with ``@serve.batch``.
-DEFAULT_RAY_MAX_BATCH_SIZE = 16
 #: Seconds a stopping server gives requests in flight.
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 #: Seconds a request's body may take to arrive, from its headers on (408 beyond).

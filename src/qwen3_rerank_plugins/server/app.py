@@ -19,19 +19,41 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..server_defaults import ServiceConfig
-from .handlers import check_bearer, rank_response, read_json, rerank_response
+from .handlers import rank_response, rerank_response, too_large
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from .openapi import build_openapi
-from .schemas import RequestError, error_body
-from .service import RerankService
+from .responses import (
+    ERROR_DESCRIPTIONS,
+    ErrorResponse,
+    HealthDown,
+    HealthOk,
+    ModelList,
+    RankResponse,
+    RerankResponse,
+    TeiRerankResult,
+)
+from .schemas import (
+    INVALID_REQUEST,
+    RankRequest,
+    RequestError,
+    RerankRequest,
+    TeiRerankRequest,
+    check_document_count,
+    error_body,
+    parse_json_body,
+)
+from .service import CLIENT_CLOSED, RerankService
 
 __all__ = ["create_app"]
 
@@ -92,6 +114,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(_BodyLimitMiddleware, limit=config.max_body_bytes)
     if config.body_timeout is not None:
         app.add_middleware(_BodyTimeoutMiddleware, timeout=float(config.body_timeout))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts the 408s too
@@ -99,6 +122,10 @@ def create_app(
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -108,76 +135,214 @@ def create_app(
             headers=getattr(exc, "headers", None),
         )
 
-    def check_auth(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), config.api_key)
+    def check_auth(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+    ) -> None:
+        service.authenticate(request.headers.get("authorization"))
 
-    @app.get("/health", summary="503 while the model loads, 200 once it serves")
-    async def health() -> JSONResponse:
+    guarded = [Depends(check_auth)] if config.api_key is not None else []
+    scoring_errors = (400, 408, 413, 422, 503, *((401,) if config.api_key is not None else ()))
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in sorted(scoring_errors)
+    }
+    scoring = {
+        "dependencies": guarded,
+        "responses": errors,
+        "response_model_exclude_unset": True,
+    }
+
+    @app.get(
+        "/health",
+        summary="503 while the model loads, 200 once it serves",
+        response_model=HealthOk,
+        response_model_exclude_unset=True,
+        responses={503: {"model": HealthDown, "description": "The model is loading or failed to load"}},
+    )
+    async def health() -> Response:
         status, body, headers = service.health()
         return JSONResponse(body, status_code=status, headers=headers)
 
-    @app.get("/v1/models", summary="OpenAI-style list of the served model")
-    async def models(request: Request) -> JSONResponse:
-        check_auth(request)
-        return JSONResponse(service.models())
+    @app.get(
+        "/v1/models",
+        summary="OpenAI-style list of the served model",
+        response_model=ModelList,
+        dependencies=guarded,
+        responses={401: errors[401]} if 401 in errors else None,
+    )
+    async def models() -> dict[str, Any]:
+        return service.models()
 
-    async def rerank(request: Request) -> Response:
-        check_auth(request)
-        body = await read_json(request, config.max_body_bytes)
-        payload = await service.serve_request(
+    async def score_rerank(request: Request, req: RerankRequest | TeiRerankRequest) -> Any:
+        field = "texts" if isinstance(req, TeiRerankRequest) else "documents"
+        check_document_count(len(req.texts), field, config.max_documents)
+        return await service.serve_request(
             request,
             lambda score: rerank_response(
-                body,
-                path=request.url.path,
+                req,
                 score=score,
-                max_documents=config.max_documents,
                 model_name=service.model_name,
                 default_instruction=service.default_instruction,
             ),
         )
-        return JSONResponse(payload)
 
-    for path in _RERANK_PATHS:
-        app.add_api_route(
-            path,
-            rerank,
-            methods=["POST"],
-            summary="Rerank documents (Cohere / Jina / vLLM / Infinity request and response shape)"
-            + ("; with `texts`, text-embeddings-inference's" if path == "/rerank" else ""),
-        )
+    rerank_summary = "Rerank documents (Cohere / Jina / vLLM / Infinity request and response shape)"
 
-    @app.post("/rank", summary="Rank {id, text} records; results carry ids, scores and bands")
-    async def rank(request: Request) -> JSONResponse:
-        check_auth(request)
-        body = await read_json(request, config.max_body_bytes)
-        payload = await service.serve_request(
+    scorers = APIRouter(route_class=_JsonBodyRoute)
+
+    @scorers.post("/v1/rerank", summary=rerank_summary, response_model=RerankResponse, **scoring)
+    async def rerank_v1(request: Request, req: Annotated[RerankRequest, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post("/v2/rerank", summary=rerank_summary, response_model=RerankResponse, **scoring)
+    async def rerank_v2(request: Request, req: Annotated[RerankRequest, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post(
+        "/rerank",
+        summary=rerank_summary + "; with `texts`, text-embeddings-inference's",
+        response_model=RerankResponse | list[TeiRerankResult],
+        **scoring,
+    )
+    async def rerank(request: Request, req: Annotated[_RerankOrTei, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post(
+        "/rank",
+        summary="Rank {id, text} records; results carry ids, scores and bands",
+        response_model=RankResponse,
+        **scoring,
+    )
+    async def rank(request: Request, req: Annotated[RankRequest, Body()]) -> Any:
+        check_document_count(len(req.documents), "documents", config.max_documents)
+        return await service.serve_request(
             request,
             lambda score: rank_response(
-                body,
+                req,
                 score=score,
                 bands=config.bands,
-                max_documents=config.max_documents,
                 model_name=service.model_name,
                 default_instruction=service.default_instruction,
             ),
         )
-        return JSONResponse(payload)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    app.include_router(scorers)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "OK"}},
+    )
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document completed with the request and response schemas (see :mod:`.openapi`)."""
+        """FastAPI's document, with this service's ``max_documents`` as ``maxItems``."""
         if app.openapi_schema is None:
-            base = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            app.openapi_schema = build_openapi(
-                base, api_key=config.api_key is not None, max_documents=config.max_documents
-            )
+            spec = FastAPI.openapi(app)
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name, field in (
+                ("RerankRequest", "documents"),
+                ("TeiRerankRequest", "texts"),
+                ("RankRequest", "documents"),
+            ):
+                prop = schemas.get(name, {}).get("properties", {}).get(field)
+                if prop is not None:
+                    prop["maxItems"] = config.max_documents
+                    prop["description"] = (
+                        f"{prop.get('description', '')} (at most {config.max_documents};"
+                        " more is answered 413)"
+                    ).lstrip()
+            app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+#: Declares ``Authorization: Bearer <key>`` in the OpenAPI document; :func:`.handlers.check_bearer` checks it.
+_BEARER = HTTPBearer(scheme_name="bearerAuth", auto_error=False, description="serve --api-key")
+
+
+def _rerank_or_tei(body: Any) -> str:
+    """``/rerank`` reads a body with ``texts`` and no ``documents`` as text-embeddings-inference's."""
+    if isinstance(body, dict) and "texts" in body and "documents" not in body:
+        return "tei"
+    return "rerank"
+
+
+_RerankOrTei = Annotated[
+    Annotated[RerankRequest, Tag("rerank")] | Annotated[TeiRerankRequest, Tag("tei")],
+    Discriminator(_rerank_or_tei),
+]
+
+
+class _JsonBody(Request):
+    """A request whose body is read as the service reads every body: JSON, whatever its
+    ``Content-Type`` (``curl -d`` sends form-urlencoded), with a one-sentence 400 when it is
+    not, and 499 when the client hangs up before it has arrived."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            try:
+                body = await super().body()
+            except ClientDisconnect:
+                logger.info("client disconnected before its request body arrived; nothing was scored")
+                raise RequestError(
+                    "the client disconnected before its request body arrived",
+                    status_code=CLIENT_CLOSED,
+                    type="client_closed_request",
+                ) from None
+            if not body.strip():
+                raise RequestError(
+                    "request body is empty; send a JSON object", status_code=400, type="invalid_json"
+                )
+        return self._body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class _JsonBodyRoute(APIRoute):
+    """A scoring route: the client is authenticated before its body is read (a 401 needs no
+    upload, nor a ``100 Continue``), then its body is read by :class:`_JsonBody`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def read_as_json(request: Request) -> Response:
+            request.app.state.service.authenticate(request.headers.get("authorization"))
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(_JsonBody(scope, request.receive))
+
+        return read_as_json
+
+
+def _validation_error(exc: RequestValidationError) -> RequestError:
+    """The first problem pydantic found, as the service's one-sentence error naming its field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ("body",), "type": ""}
+    context = first.get("ctx") or {}
+    if first.get("type") == INVALID_REQUEST:
+        return RequestError(
+            first["msg"], status_code=context["status"], param=context["param"], type=context["kind"]
+        )
+    param = _param(first.get("loc", ()))
+    where = param or "request body"
+    return RequestError(f"{where}: {first.get('msg', 'invalid')}", param=param)
+
+
+def _param(loc: Any) -> str | None:
+    """``("body", "documents", 3, "text")`` as ``documents[3].text`` (the union's tag left out)."""
+    parts = [p for p in loc if p not in ("body", "rerank", "tei")]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
 
 
 def _error_response(exc: RequestError) -> JSONResponse:
@@ -287,3 +452,35 @@ class _BodyTimeoutMiddleware:
             await send(message)
 
         await self.app(scope, receive_in_time, send_after_body)
+
+
+class _BodyLimitMiddleware:
+    """Refuse a body over ``limit`` bytes with 413, before it is held in memory.
+
+    The declared ``Content-Length`` is checked at the first read, and a streamed body is cut off
+    as soon as it passes the limit.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        size = 0
+
+        async def receive_within_limit() -> dict[str, Any]:
+            nonlocal size
+            if declared.isdigit() and int(declared) > self.limit:
+                raise too_large(int(declared), self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.limit:
+                    raise too_large(size, self.limit)
+            return message
+
+        await self.app(scope, receive_within_limit, send)

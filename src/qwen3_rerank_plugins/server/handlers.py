@@ -1,41 +1,29 @@
-"""Request handling shared by the plain service (:mod:`.app`) and the Ray Serve deployment.
+"""The answers of the scoring endpoints, built from a validated request and a way to score it.
 
-Both front ends read and authenticate a request, then build the same responses, so a client of
-one works unchanged against the other. What differs between them is only how a request is
-scored: the plain service queues it on its :class:`~.batcher.MicroBatcher`, a Ray replica merges
-it with ``@serve.batch``. Each front end passes its way of scoring as a :data:`ScoreFn`.
+The routes of :mod:`.app` pass a parsed request model (:mod:`.schemas`) and the service's
+per-request scoring function; these functions shape what the client gets back.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-from starlette.requests import ClientDisconnect
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
 from ..protocol import ScoreGroup
 from ..results import ConfidenceBands, rank_results, sigmoid
 from ..templates import list_instruction_templates, resolve_instruction, suggest_template_name
 from .batcher import ScoredRequest
-from .schemas import (
-    RankRequest,
-    RequestError,
-    parse_json_body,
-    parse_rank,
-    parse_rerank,
-    parse_tei,
-)
+from .schemas import RankRequest, RequestError, RerankRequest, TeiRerankRequest
 
 __all__ = [
     "ScoreFn",
     "check_bearer",
+    "instruction_meta",
     "rank_response",
-    "read_json",
     "rerank_response",
     "too_large",
 ]
@@ -47,13 +35,8 @@ __all__ = [
 ScoreFn = Callable[[ScoreGroup], Awaitable[ScoredRequest]]
 
 
-TEI_PATH = "/rerank"
 _NO_BANDS = ConfidenceBands()  # /v1/rerank and TEI answers carry no band
 _ONE_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # free text that may be a mistyped template name
-#: nginx's status for a request whose client closed the connection (never sent: nobody reads it).
-CLIENT_CLOSED = 499
-
-logger = logging.getLogger(__name__)
 
 
 def check_bearer(authorization: str | None, api_key: str | None) -> None:
@@ -87,63 +70,21 @@ def too_large(size: int, limit: int) -> RequestError:
     )
 
 
-async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
-    """Read a Starlette request's body, at most ``max_body_bytes`` of it, as a JSON object.
-
-    The declared ``Content-Length`` is checked before anything is read, and the stream is cut
-    off as soon as it passes the limit, so an oversized body is never held in memory.
-
-    Args:
-        request: A ``starlette.requests.Request`` (FastAPI's, or the one Ray Serve passes).
-        max_body_bytes: Largest body accepted.
-
-    Returns:
-        The decoded JSON object.
-
-    Raises:
-        RequestError: 413 for a body over the limit; 499 ``client_closed_request`` when the
-            client hangs up before its body has arrived (its doing, not the service's: logged
-            at INFO, without a traceback); 400/422 as :func:`.schemas.parse_json_body`.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise too_large(int(declared), max_body_bytes)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large(size, max_body_bytes)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        logger.info("client disconnected after %d bytes of its request body; nothing was scored", size)
-        raise RequestError(
-            "the client disconnected before its request body arrived",
-            status_code=CLIENT_CLOSED,
-            type="client_closed_request",
-        ) from None
-    return parse_json_body(b"".join(chunks))
-
-
 async def rerank_response(
-    body: Mapping[str, Any],
+    req: RerankRequest | TeiRerankRequest,
     *,
-    path: str,
     score: ScoreFn,
-    max_documents: int,
     model_name: str | None,
     default_instruction: str | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Answer ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``).
 
-    On ``/rerank``, a body with ``texts`` and no ``documents`` is a text-embeddings-inference
-    request and gets TEI's answer: a bare list of ``{index, score[, text]}``.
+    A text-embeddings-inference request (``texts`` on ``/rerank``) gets TEI's answer: a bare
+    list of ``{index, score[, text]}``.
 
     Args:
-        body: The decoded JSON body.
-        path: The request path (decides whether the TEI shape applies).
+        req: The validated request.
         score: How this front end scores a request.
-        max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
         default_instruction: The instruction text a request without one is scored with (reported
             in ``meta.instruction``; ``None`` when the front end does not know it).
@@ -152,22 +93,20 @@ async def rerank_response(
         The JSON-ready response body.
 
     Raises:
-        RequestError: On an invalid body, or as ``score`` raises.
+        RequestError: As ``score`` raises.
     """
-    if path.rstrip("/") == TEI_PATH and "texts" in body and "documents" not in body:
-        tei = parse_tei(body, max_documents=max_documents)
-        logits = (await score(tei.to_group())).logits
+    if isinstance(req, TeiRerankRequest):
+        logits = (await score(req.to_group())).logits
         out = []
-        for r in rank_results(logits, tei.texts, bands=_NO_BANDS, top_n=tei.top_n):
-            item: dict[str, Any] = {"index": r.index, "score": r.logit if tei.raw_scores else r.score}
-            if tei.return_text:
+        for r in rank_results(logits, req.texts, bands=_NO_BANDS, top_n=req.top_n):
+            item: dict[str, Any] = {"index": r.index, "score": r.logit if req.raw_scores else r.score}
+            if req.return_text:
                 item["text"] = r.document
             out.append(item)
         return out
-    req = parse_rerank(body, max_documents=max_documents)
     scored = await score(req.to_group())
     logits, tokens, spans = scored.logits, scored.total_tokens, scored.spans
-    documents = req.documents if req.documents is not None else req.texts
+    documents = req.sent_documents
     results = []
     for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n, spans=spans):
         item = {"index": r.index, "relevance_score": r.logit if req.raw_scores else r.score}
@@ -191,11 +130,10 @@ async def rerank_response(
 
 
 async def rank_response(
-    body: Mapping[str, Any],
+    req: RankRequest,
     *,
     score: ScoreFn,
     bands: ConfidenceBands,
-    max_documents: int,
     model_name: str | None,
     default_instruction: str | None = None,
 ) -> dict[str, Any]:
@@ -207,10 +145,9 @@ async def rank_response(
     block: ``retried_query`` (``null`` when no retry was made), ``used_query`` and ``needs_review``.
 
     Args:
-        body: The decoded JSON body.
+        req: The validated request.
         score: How this front end scores a request.
         bands: Cut-offs of the bands and of the fallback's low band.
-        max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
         default_instruction: As for :func:`rerank_response`.
 
@@ -218,9 +155,8 @@ async def rank_response(
         The JSON-ready response body.
 
     Raises:
-        RequestError: On an invalid body, or as ``score`` raises.
+        RequestError: As ``score`` raises.
     """
-    req = parse_rank(body, max_documents=max_documents)
 
     async def attempt(query: str) -> RerankAttempt:
         scored = await score(req.to_group(query))
@@ -240,7 +176,7 @@ async def rank_response(
         }
     results = []
     for r in final.results:
-        item: dict[str, Any] = {"id": req.ids[r.index], "index": r.index, "score": r.score, "band": r.band}
+        item: dict[str, Any] = {"id": r.document["id"], "index": r.index, "score": r.score, "band": r.band}
         if r.span is not None:
             item["span"] = {"start": r.span[0], "end": r.span[1]}
         results.append(item)
@@ -256,7 +192,8 @@ def _attempt(
     spans: list[tuple[int, int] | None] | None,
 ) -> RerankAttempt:
     """One ``/rank`` pass as the library's :class:`RerankAttempt` (best score over all documents)."""
-    documents = [{"id": doc_id, "text": text} for doc_id, text in zip(req.ids, req.texts, strict=True)]
+    ids, texts = req.ids, req.texts
+    documents = [{"id": doc_id, "text": text} for doc_id, text in zip(ids, texts, strict=True)]
     results = rank_results(logits, documents, bands=bands, top_n=req.top_n, spans=spans)
     best = sigmoid(max(logits)) if logits else None
     return RerankAttempt(

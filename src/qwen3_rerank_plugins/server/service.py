@@ -25,6 +25,7 @@ from ..protocol import LocalScorer, ScoreGroup, Scorer
 from ..server_defaults import ServiceConfig
 from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
+from .handlers import check_bearer
 from .metrics import ServiceMetrics
 from .schemas import RequestError
 
@@ -80,6 +81,8 @@ class RerankService:
         self.model_name: str | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
+        #: The Ray Serve replica this instance is, reported by ``/health`` (``None``: plain server).
+        self.replica: str | None = None
         self._source = reranker_or_factory
         self._loaded = loaded
         self._on_load_error = on_load_error
@@ -144,6 +147,10 @@ class RerankService:
             if self._on_load_error is not None:
                 self._on_load_error(exc)
 
+    def authenticate(self, authorization: str | None) -> None:
+        """Refuse a request whose ``Authorization`` header lacks ``Bearer <api_key>`` (401)."""
+        check_bearer(authorization, self.config.api_key)
+
     # -- answers that need no scoring ---------------------------------------------------------
 
     def health(self) -> tuple[int, dict[str, Any], dict[str, str] | None]:
@@ -157,6 +164,8 @@ class RerankService:
                 "dtype": str(reranker.dtype).removeprefix("torch."),
                 "queue": self.batcher.pending if self.batcher else 0,
             }
+            if self.replica is not None:
+                body["replica"] = self.replica
             return 200, body, None
         down: dict[str, Any] = {"status": "error" if self.load_error else "loading"}
         if self.load_error:
