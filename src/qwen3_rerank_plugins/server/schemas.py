@@ -36,6 +36,7 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from ..protocol import ScoreGroup
+from ..validation import document_text, json_type
 
 __all__ = [
     "INVALID_REQUEST",
@@ -130,7 +131,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         ) from exc
     if not isinstance(body, dict):
         raise RequestError(
-            f"request body must be a JSON object, got {_json_type(body)}", status_code=422, param=None
+            f"request body must be a JSON object, got {json_type(body)}", status_code=422, param=None
         )
     _check_unicode(body)
     return body
@@ -171,28 +172,12 @@ def _surrogate_error(path: str | None, text: str, *, is_key: bool) -> RequestErr
     )
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _query(body: Mapping[str, Any]) -> str:
     if "query" not in body or body["query"] is None:
         raise RequestError("query is required", param="query")
     query = body["query"]
     if not isinstance(query, str):
-        raise RequestError(f"query must be a string, got {_json_type(query)}", param="query")
+        raise RequestError(f"query must be a string, got {json_type(query)}", param="query")
     if not _NON_BLANK.search(query):
         raise RequestError("query must not be empty", param="query")
     return query
@@ -215,7 +200,7 @@ def _top_n(body: Mapping[str, Any]) -> int | None:
     top_n = _integer(value)
     if top_n is None:
         raise RequestError(
-            f"top_n must be a non-negative integer (0: all), got {_json_type(value)}", param="top_n"
+            f"top_n must be a non-negative integer (0: all), got {json_type(value)}", param="top_n"
         )
     if top_n < 0:
         raise RequestError(f"top_n must be a non-negative integer (0: all), got {top_n}", param="top_n")
@@ -229,7 +214,7 @@ def _token_cap(body: Mapping[str, Any], name: str) -> int | None:
         return None
     count = _integer(value)
     if count is None or count < 1:
-        got = _json_type(value) if count is None else str(count)
+        got = json_type(value) if count is None else str(count)
         raise RequestError(f"{name} must be a positive integer (tokens), got {got}", param=name)
     return count
 
@@ -241,7 +226,7 @@ def _truncate_prompt_tokens(body: Mapping[str, Any]) -> int | None:
         return None
     count = _integer(value)
     if count is None or count == 0 or count < -1:
-        got = _json_type(value) if count is None else str(count)
+        got = json_type(value) if count is None else str(count)
         raise RequestError(
             f"truncate_prompt_tokens must be -1 or a positive integer, got {got}",
             param="truncate_prompt_tokens",
@@ -257,7 +242,7 @@ def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
     if isinstance(value, str) and value.lower() in _BOOLEAN_STRINGS:
         return _BOOLEAN_STRINGS[value.lower()]
     if not isinstance(value, bool):
-        got = repr(value) if isinstance(value, str) else _json_type(value)
+        got = repr(value) if isinstance(value, str) else json_type(value)
         raise RequestError(f"{name} must be true or false, got {got:.60}", param=name)
     return value
 
@@ -268,7 +253,7 @@ def _instruction(body: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str):
         raise RequestError(
-            f"instruction must be a template name or free text, got {_json_type(value)}", param="instruction"
+            f"instruction must be a template name or free text, got {json_type(value)}", param="instruction"
         )
     if not _NON_BLANK.search(value):
         raise RequestError("instruction must not be empty; leave it out for the default", param="instruction")
@@ -280,7 +265,7 @@ def _document_list(body: Mapping[str, Any], field: str) -> list[Any]:
         raise RequestError(f"{field} is required: a non-empty list of documents", param=field)
     docs = body[field]
     if not isinstance(docs, list):
-        raise RequestError(f"{field} must be a list, got {_json_type(docs)}", param=field)
+        raise RequestError(f"{field} must be a list, got {json_type(docs)}", param=field)
     if not docs:
         raise RequestError(f"{field} must not be empty", param=field)
     return docs
@@ -297,20 +282,12 @@ def check_document_count(count: int, field: str, max_documents: int) -> None:
         )
 
 
-def _text_of(doc: Any, label: str, *, allow_string: bool = True) -> str:
-    if allow_string and isinstance(doc, str):
-        return doc
-    if isinstance(doc, dict):
-        if "text" not in doc:
-            raise RequestError(f"{label} is an object without a 'text' field", param=f"{label}.text")
-        text = doc["text"]
-        if not isinstance(text, str):
-            raise RequestError(
-                f"{label}.text must be a string, got {_json_type(text)}", param=f"{label}.text"
-            )
-        return text
-    expected = "a string or an object with a 'text' string" if allow_string else "an object {id, text}"
-    raise RequestError(f"{label} must be {expected}, got {_json_type(doc)}", param=label)
+def _text_of(doc: Any, label: str) -> str:
+    """The text of one document (:func:`~qwen3_rerank_plugins.validation.document_text`'s rule)."""
+    try:
+        return document_text(doc, label, wire=True)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc), param=getattr(exc, "param", label)) from None
 
 
 def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -319,7 +296,7 @@ def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
         return None
     if not isinstance(value, list):
         raise RequestError(
-            f"rank_fields must be a list of field names, got {_json_type(value)}", param="rank_fields"
+            f"rank_fields must be a list of field names, got {json_type(value)}", param="rank_fields"
         )
     if not value:
         raise RequestError(
@@ -328,7 +305,7 @@ def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     for i, name in enumerate(value):
         if not isinstance(name, str):
             raise RequestError(
-                f"rank_fields[{i}] must be a field name (string), got {_json_type(name)}",
+                f"rank_fields[{i}] must be a field name (string), got {json_type(name)}",
                 param=f"rank_fields[{i}]",
             )
     return tuple(value)
@@ -349,7 +326,7 @@ def _ranked_text(doc: Any, label: str, rank_fields: tuple[str, ...] | None) -> s
         return _text_of(doc, label)
     if "text" in doc and not isinstance(doc["text"], str):
         raise RequestError(
-            f"{label}.text must be a string, got {_json_type(doc['text'])}", param=f"{label}.text"
+            f"{label}.text must be a string, got {json_type(doc['text'])}", param=f"{label}.text"
         )
     for name in rank_fields:
         if name not in doc:
@@ -377,7 +354,7 @@ def _refusing() -> Iterator[None]:
 
 def _object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise RequestError(f"request body must be a JSON object, got {_json_type(data)}")
+        raise RequestError(f"request body must be a JSON object, got {json_type(data)}")
     return dict(data)
 
 
@@ -543,7 +520,7 @@ class TeiRerankRequest(_Request):
             for i, doc in enumerate(_document_list(data, "texts")):
                 if not isinstance(doc, str):
                     raise RequestError(
-                        f"texts[{i}] must be a string, got {_json_type(doc)}", param=f"texts[{i}]"
+                        f"texts[{i}] must be a string, got {json_type(doc)}", param=f"texts[{i}]"
                     )
             data["raw_scores"] = _flag(data, "raw_scores", False)
             data["return_text"] = _flag(data, "return_text", False)
@@ -600,7 +577,7 @@ class RankRequest(_Request):
                         as_int = _integer(doc_id)
                         if as_int is None:
                             raise RequestError(
-                                f"{label}.id must be a string or an integer, got {_json_type(doc_id)}",
+                                f"{label}.id must be a string or an integer, got {json_type(doc_id)}",
                                 param=f"{label}.id",
                             )
                         doc = {**doc, "id": as_int}
