@@ -61,9 +61,11 @@ def json_type(value: Any) -> str:
 def document_text(doc: Any, label: str, *, wire: bool = False) -> str:
     """The text of one document: a string, or a mapping with a ``"text"`` string.
 
-    The one statement of that rule, for the library, the client, the batch job and the HTTP
-    service. The exception raised names the offending field in its ``param`` attribute
-    (``label``, or the document's ``text``).
+    The one document rule, used by the engine, the client, the batch job, evaluate and the HTTP
+    service. Empty text is accepted: the model card's recipe scores an empty document like any
+    other (a low score), so refusing it would only break a batch over one blank record. The
+    exception raised names the offending field in its ``param`` attribute (``label``, or the
+    document's ``text``).
 
     Args:
         doc: The document.
