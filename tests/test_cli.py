@@ -187,7 +187,9 @@ def test_serve_passes_the_defaults_and_explicit_values_to_the_server(
     import qwen3_rerank_plugins.server
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(qwen3_rerank_plugins.server, "serve", lambda factory, **kw: calls.append(kw))
+    monkeypatch.setattr(
+        qwen3_rerank_plugins.server, "serve", lambda factory, config, **kw: calls.append(vars(config))
+    )
     base = ["serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
 
     assert cli(base).returncode == 0
@@ -681,11 +683,10 @@ def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
             ["--ray", "--replicas", "3", "--max-replicas", "2"],
             "--max-replicas (2) must be at least --replicas (3)",
         ),
-        (["--ray", "--max-batch-pairs", "64"], "--max-batch-pairs does not apply with --ray"),
-        # Given with the default's value is still given.
-        (["--ray", "--max-batch-pairs", "256"], "--max-batch-pairs does not apply with --ray"),
+        # The service's settings are one configuration, checked the same with and without --ray.
+        (["--ray", "--api-key", " "], "--api-key must not be empty"),
     ],
-    ids=["ray option without --ray", "max below min", "plain-server option with --ray", "its default value"],
+    ids=["ray option without --ray", "max below min", "service setting with --ray"],
 )
 def test_serve_ray_options_are_checked_before_anything_starts(
     cli, tiny_model_dir: Path, args: list[str], words: str

@@ -47,6 +47,7 @@ from .console import command_logging, model_not_found_advice, one_line
 from .evaluate import FIRST_STAGES
 from .results import ConfidenceBands
 from .server_defaults import (
+    API_KEY_ENV,
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_GRACEFUL_TIMEOUT_S,
@@ -56,9 +57,11 @@ from .server_defaults import (
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_REQUEST_TOKENS,
+    DEFAULT_MODEL,
     DEFAULT_PORT,
-    DEFAULT_RAY_MAX_BATCH_SIZE,
     DEFAULT_UI_PORT,
+    ServiceConfig,
+    api_key_from_env,
 )
 from .settings import DEFAULT_MAX_LENGTH
 from .sources import ModelSourceError
@@ -68,8 +71,6 @@ __all__ = ["DEFAULT_MODEL", "CommandError", "add_model_arguments", "build_parser
 
 logger = logging.getLogger("qwen3_rerank_plugins.cli")
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
-API_KEY_ENV = "QWEN3_RERANK_API_KEY"
 _DEMO_WARNING = (
     "Using the local demo model with RANDOM weights: the pipeline is real, the scores are meaningless. "
     "Pass --model for real scores."
@@ -395,12 +396,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     _check_options(args)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key.strip():
         raise CommandError("--api-key must not be empty")
-    bands = _bands(args)
+    config = _service_config(args)
     if args.ray:
-        return _serve_on_ray(args, api_key, bands)
+        return _serve_on_ray(args, config)
     ray_only = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
     if ray_only:
         raise CommandError(f"{', '.join(ray_only)} only apply with --ray")
@@ -418,23 +418,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "Starting the rerank service on http://%s:%d (API key %s)",
         args.host,
         args.port,
-        "required" if api_key else "not required",
+        "required" if config.api_key else "not required",
     )
     try:
         serve(
             factory,
+            config,
             host=args.host,
             port=args.port,
-            api_key=api_key,
-            max_documents=args.max_documents,
-            max_body_bytes=args.max_body_bytes,
-            bands=bands,
-            batch_wait_ms=args.batch_wait_ms,
-            max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
-            max_queue=args.max_queue,
-            body_timeout=args.body_timeout or None,
-            max_request_tokens=args.max_request_tokens or None,
-            model_name=args.served_model_name,
             graceful_timeout=args.graceful_timeout,
             access_log=not args.no_access_log,
         )
@@ -446,21 +437,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_config(args: argparse.Namespace) -> ServiceConfig:
+    """The one service configuration of ``serve`` (plain or ``--ray``), from its flags."""
+    try:
+        return ServiceConfig(
+            api_key=args.api_key if args.api_key is not None else api_key_from_env(),
+            max_documents=args.max_documents,
+            max_body_bytes=args.max_body_bytes,
+            body_timeout=args.body_timeout or None,
+            max_request_tokens=args.max_request_tokens or None,
+            bands=_bands(args),
+            batch_wait_ms=args.batch_wait_ms,
+            max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
+            max_queue=args.max_queue,
+            model_name=args.served_model_name,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
 _RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
 
 
-def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: ConfidenceBands) -> int:
-    if args.max_batch_pairs is not None:
-        raise CommandError(
-            "--max-batch-pairs does not apply with --ray: Ray Serve merges whole requests"
-            f" (at most {DEFAULT_RAY_MAX_BATCH_SIZE} per model call)"
-        )
-    if args.body_timeout != DEFAULT_BODY_TIMEOUT_S or args.max_request_tokens != DEFAULT_MAX_REQUEST_TOKENS:
-        raise CommandError(
-            "--body-timeout and --max-request-tokens do not apply with --ray (the plain server's)"
-        )
-    if args.long_documents:
-        raise CommandError("--long-documents does not apply with --ray: send max_chunks_per_doc per request")
+def _serve_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:
     from .ray_serve import serve_ray
 
     replicas = args.replicas or 1
@@ -471,8 +470,11 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         "Starting the rerank service on Ray Serve at http://%s:%d (API key %s)",
         args.host,
         args.port,
-        "required" if api_key else "not required",
+        "required" if config.api_key else "not required",
     )
+    engine: dict[str, Any] = {"long_documents": True} if args.long_documents else {}
+    if args.instruction is not None:
+        engine["instruction"] = args.instruction
     serve_ray(
         os.fspath(model),
         host=args.host,
@@ -482,20 +484,15 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         max_replicas=args.max_replicas,
         num_cpus_per_replica=args.cpus_per_replica,
         num_gpus_per_replica=args.gpus_per_replica,
+        config=config,
         device=args.device,
         dtype=args.dtype,
         source=args.source,
         max_length=args.max_length,
-        instruction=args.instruction,
-        bands=(bands.high, bands.medium),
-        api_key=api_key,
-        max_documents=args.max_documents,
-        max_body_bytes=args.max_body_bytes,
-        batch_wait_ms=args.batch_wait_ms,
-        model_name=args.served_model_name,
         max_queued_requests=args.max_queue,
         graceful_shutdown_timeout_s=args.graceful_timeout,
         access_log=not args.no_access_log,
+        **engine,
     )
     return 0
 
@@ -818,7 +815,7 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         "--max-batch-pairs",
         type=_positive_int,
         help=f"most (query, document) pairs merged into one model call (default: {DEFAULT_MAX_BATCH_PAIRS};"
-        " not with --ray)",
+        " per replica with --ray)",
     )
     p.add_argument(
         "--max-queue",
@@ -831,14 +828,14 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         type=_non_negative_float,
         default=DEFAULT_BODY_TIMEOUT_S,
         help="seconds a request's body may take to arrive before a 408 (0: no limit;"
-        f" default: {DEFAULT_BODY_TIMEOUT_S:g}; not with --ray)",
+        f" default: {DEFAULT_BODY_TIMEOUT_S:g})",
     )
     p.add_argument(
         "--max-request-tokens",
         type=_non_negative_int,
         default=DEFAULT_MAX_REQUEST_TOKENS,
         help="most prompt tokens one request may make the model read, else 413 (0: no limit;"
-        f" default: {DEFAULT_MAX_REQUEST_TOKENS}; not with --ray)",
+        f" default: {DEFAULT_MAX_REQUEST_TOKENS})",
     )
     p.add_argument("--served-model-name", help="model name reported by the API (default: the model's)")
     p.add_argument(
