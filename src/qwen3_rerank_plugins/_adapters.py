@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from .protocol import Scorer
 from .registry import get_reranker, loaded_with
 from .results import FallbackRerank, RerankResult, ranked_order
+from .server_defaults import api_key_from_env
+from .settings import DEFAULT_MODEL
 from .templates import InstructionTemplate, resolve_instruction
 
 __all__ = [
@@ -35,7 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 #: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
 LOAD_FIELDS = ("model", "device", "dtype", "source")
 # Fields that are engine settings: applied over the engine with ``with_settings``.
@@ -141,7 +142,7 @@ class EngineSettings(BaseModel):
                     f"base_url= scores on a remote service; {', '.join(clashing)}= cannot apply to it "
                     "(set the model's settings where the service runs)"
                 )
-            api_key = self.api_key or os.environ.get("QWEN3_RERANK_API_KEY") or None
+            api_key = self.api_key or api_key_from_env()
             remote = get_reranker(base_url=self.base_url, api_key=api_key, timeout=self.timeout)
             # The caps a service takes per request ride on each request.
             self._engine = remote.with_settings(**overrides) if overrides else remote

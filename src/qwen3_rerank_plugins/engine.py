@@ -34,7 +34,7 @@ from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, sco
 from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
 from .protocol import GroupScores, ScoreGroup, StopCheck
 from .scoring import BaseReranker
-from .settings import DEFAULT_MAX_LENGTH, RerankerSettings
+from .settings import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, RerankerSettings
 from .sources import resolve_model_dir, validate_model_dir
 from .templates import InstructionTemplate, format_document, format_head, resolve_instruction
 from .validation import Document, InputTooLongError
@@ -124,7 +124,7 @@ class Reranker(BaseReranker):
     @classmethod
     def from_pretrained(
         cls,
-        model_name_or_path: str | os.PathLike[str] = "Qwen/Qwen3-Reranker-0.6B",
+        model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = "auto",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .protocol import Scorer
-from .settings import RerankerSettings
+from .settings import DEFAULT_MODEL, RerankerSettings
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ _loading_locks: dict[_Weights, threading.Lock] = {}
 
 
 def get_reranker(
-    model_name_or_path: str | os.PathLike[str] = "Qwen/Qwen3-Reranker-0.6B",
+    model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",

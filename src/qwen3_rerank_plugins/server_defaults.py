@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .results import ConfidenceBands
+from .settings import DEFAULT_MODEL
 
 __all__ = [
     "API_KEY_ENV",
@@ -56,7 +57,6 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 #: Most prompt tokens one request may make the model read, summed over its documents (413 beyond).
 DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
 #: Model served (and loaded by the command line) when none is named.
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 #: Environment variable holding the service's API key (``serve``, Ray's ``app_builder``, clients).
 API_KEY_ENV = "QWEN3_RERANK_API_KEY"
 
