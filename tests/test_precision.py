@@ -236,3 +236,15 @@ def test_features_are_a_frozen_value():
     cpu = CpuFeatures("AVX2", frozenset(AVX2_EPYC))
     with pytest.raises(AttributeError):
         cpu.capability = "AVX512"  # type: ignore[misc]
+
+
+def test_an_int8_model_reports_int8_in_health_metrics_and_repr(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from qwen3_rerank_plugins.server import create_app
+
+    reranker = Reranker.from_pretrained(tiny_model_dir, device="cpu", dtype="int8")
+    assert "dtype='int8'" in repr(reranker)
+    with TestClient(create_app(reranker)) as client:
+        assert client.get("/health").json()["dtype"] == "int8"
+        assert 'dtype="int8"' in client.get("/metrics").text

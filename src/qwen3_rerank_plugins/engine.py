@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, score_rows
 from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
-from .protocol import GroupScores, ScoreGroup, StopCheck
+from .protocol import GroupScores, ScoreGroup, StopCheck, precision_name
 from .scoring import BaseReranker
 from .settings import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, RerankerSettings
 from .sources import resolve_model_dir, validate_model_dir
@@ -252,8 +252,7 @@ class Reranker(BaseReranker):
         return self._core is getattr(other, "_core", None)
 
     def __repr__(self) -> str:
-        dtype = self.quantization or str(self.dtype).removeprefix("torch.")
-        return f"Reranker({self.model_name!r}, device={str(self.device)!r}, dtype={dtype!r})"
+        return f"Reranker({self.model_name!r}, device={str(self.device)!r}, dtype={precision_name(self)!r})"
 
     # -- token views ----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ ray = require("ray", "ray", "Serving on Ray Serve")
 serve = require("ray.serve", "ray", "Serving on Ray Serve")
 require("fastapi", "ray", "Serving on Ray Serve")
 
+from .protocol import precision_name  # noqa: E402
 from .results import ConfidenceBands  # noqa: E402
 from .server import create_app  # noqa: E402
 from .server_defaults import ServiceConfig, api_key_from_env  # noqa: E402
@@ -77,7 +78,7 @@ class RerankDeployment:
             self.replica,
             self.config.model_name or self.reranker.model_name,
             self.reranker.device,
-            str(self.reranker.dtype).removeprefix("torch."),
+            precision_name(self.reranker),
         )
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..protocol import LocalScorer, ScoreGroup, Scorer
+from ..protocol import LocalScorer, ScoreGroup, Scorer, precision_name
 from ..server_defaults import ServiceConfig
 from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
@@ -129,7 +129,7 @@ class RerankService:
         await batcher.start()
         self.reranker = reranker
         self.model_name = config.model_name or reranker.model_name
-        device, dtype = str(reranker.device), str(reranker.dtype).removeprefix("torch.")
+        device, dtype = str(reranker.device), precision_name(reranker)
         self.metrics.model_info.labels(self.model_name, device, dtype).set(1)
         self.metrics.queue_depth.set_function(lambda: batcher.pending)
         self.metrics.model_loaded.set(1)
@@ -161,7 +161,7 @@ class RerankService:
                 "status": "ok",
                 "model": self.model_name,
                 "device": str(reranker.device),
-                "dtype": str(reranker.dtype).removeprefix("torch."),
+                "dtype": precision_name(reranker),
                 "queue": self.batcher.pending if self.batcher else 0,
             }
             if self.replica is not None:
