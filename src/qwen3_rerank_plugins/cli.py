@@ -38,6 +38,7 @@ from typing import IO, Any, NoReturn
 
 from . import __version__
 from .evaluate import FIRST_STAGES
+from .notices import notices_logged_only
 from .results import ConfidenceBands, rank_results
 from .server_defaults import (
     DEFAULT_BATCH_WAIT_MS,
@@ -1223,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_exclusive(parser, args)
     func: Callable[[argparse.Namespace], int] = args.func
-    with _command_logging(args):
+    with _command_logging(args), notices_logged_only():  # its log shows the warnings
         try:
             return int(func(args) or 0)
         except KeyboardInterrupt:
