@@ -34,8 +34,10 @@ from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .offline_docs import serve_docs_offline
 from .openapi import build_openapi
 from .schemas import RequestError, error_body
+from .tracing import TraceMiddleware
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "create_app"]
 
@@ -195,9 +197,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = state
+    serve_docs_offline(app)  # /docs and /redoc without a CDN (air-gapped servers)
     if body_timeout is not None:
         app.add_middleware(_BodyTimeoutMiddleware, timeout=float(body_timeout))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts the 408s too
+    app.add_middleware(TraceMiddleware)  # OpenTelemetry span per request ([otel]; else a no-op)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
