@@ -126,7 +126,7 @@ def show(ticket: str, retriever: Qwen3RerankRetriever, first_stage: BaseRetrieve
     if matches and matches[0].metadata["relevance_band"] == "low":
         # Low confidence: rerank the same candidates with a more general ticket.
         candidates = first_stage.invoke(ticket)
-        compressor = retriever.base_compressor
+        compressor = retriever.compressor
         outcome = rerank_with_fallback(
             compressor.engine,
             ticket,

@@ -170,3 +170,20 @@ print("no-op")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no-op"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"query": "\xff\xfe"}', b"[1, 2]", b""],
+    ids=["malformed", "nested too deeply", "not UTF-8", "a list", "empty"],
+)
+def test_bodies_the_service_refuses_are_refused_as_without_tracing(
+    service: ServerThread, spans: InMemorySpanExporter, body: bytes
+) -> None:
+    answer = httpx.post(
+        f"{service.url}/v1/rerank", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert 400 <= answer.status_code < 500, answer.text
+    (span,) = [s for s in spans.get_finished_spans() if s.attributes.get("url.path") == "/v1/rerank"]
+    assert span.attributes["http.response.status_code"] == answer.status_code
+    assert "gen_ai.rerank.candidate.count" not in span.attributes

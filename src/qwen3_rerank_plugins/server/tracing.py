@@ -101,9 +101,9 @@ class TraceMiddleware:
 
 
 def _request_attributes(span: Any, body: bytes) -> None:
-    try:
+    try:  # best effort: a body the app refuses (bad JSON, nested too deep, not UTF-8) just has none
         request = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return
     if not isinstance(request, dict):
         return
@@ -122,7 +122,7 @@ def _request_attributes(span: Any, body: bytes) -> None:
 def _fallback_attributes(span: Any, body: bytes) -> None:
     try:
         outcome = json.loads(body).get("fallback")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return
     if isinstance(outcome, dict):
         span.set_attribute("qwen3_rerank.fallback.retried", outcome.get("retried_query") is not None)
