@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, score_rows
-from .device import resolve_device, resolve_dtype
+from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, score_rows
+from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
 from .protocol import GroupScores, ScoreGroup, StopCheck
 from .scoring import BaseReranker
 from .settings import DEFAULT_MAX_LENGTH, RerankerSettings
@@ -141,8 +141,12 @@ class Reranker(BaseReranker):
                 ``"demo"`` for a tiny random-weight model built locally (meaningless scores:
                 for trying the pipeline offline).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-            dtype: ``"auto"`` (bf16 on capable CUDA, fp16 on other CUDA and MPS, fp32 on CPU),
-                ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+            dtype: ``"auto"`` (bf16 on capable CUDA, fp16 on other CUDA and MPS; on CPU float32
+                unless a lower precision is native there and was measured faster and in agreement,
+                see :func:`~qwen3_rerank_plugins.device.auto_cpu_precision`), ``"float32"``,
+                ``"bfloat16"``, ``"float16"`` or ``"int8"`` (CPU: dynamic int8 linear layers,
+                float32 head; approximate). bf16/fp16 on a CPU that only emulates them warns
+                (:class:`~qwen3_rerank_plugins.device.SlowPrecisionWarning`).
             source: ``"auto"`` (local directory, then Hugging Face, then ModelScope),
                 ``"local"``, ``"huggingface"`` or ``"modelscope"``.
             revision: Hub revision.
@@ -164,7 +168,9 @@ class Reranker(BaseReranker):
 
         checked = RerankerSettings.from_kwargs(**settings)  # before minutes of loading
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        precision = resolve_precision(dtype, torch_device)
+        warn_if_emulated(precision, torch_device)
+        torch_dtype = precision.dtype
         path, used = resolve_model_dir(model_name_or_path, source, revision=revision, cache_dir=cache_dir)
         validate_model_dir(path)
         name = Path(os.fspath(model_name_or_path)).name if used not in ("local", "demo") else path.name
@@ -178,8 +184,11 @@ class Reranker(BaseReranker):
             raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
         model.to(torch_device)
         display = name or Path(str(getattr(model, "name_or_path", "") or "Qwen3-Reranker")).name
-        reranker = cls._from_core(ScoringModel(model, tokenizer, display), checked)
-        logger.info("%s on %s (%s)", name, torch_device, str(torch_dtype).removeprefix("torch."))
+        core = ScoringModel(model, tokenizer, display)
+        if precision.quantization == "int8":
+            quantize_int8(core, vnni=cpu_features().vnni)
+        reranker = cls._from_core(core, checked)
+        logger.info("%s on %s (%s)", name, torch_device, precision.name)
         return reranker
 
     # -- settings and introspection ------------------------------------------------------------
@@ -229,6 +238,11 @@ class Reranker(BaseReranker):
         return self._core.dtype
 
     @property
+    def quantization(self) -> str | None:
+        """``"int8"`` when the linear layers are int8-quantized (``dtype="int8"``), else ``None``."""
+        return self._core.quantization
+
+    @property
     def tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer (for decoding :meth:`prompt_ids`)."""
         return self._core.tokenizer
@@ -238,7 +252,7 @@ class Reranker(BaseReranker):
         return self._core is getattr(other, "_core", None)
 
     def __repr__(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = self.quantization or str(self.dtype).removeprefix("torch.")
         return f"Reranker({self.model_name!r}, device={str(self.device)!r}, dtype={dtype!r})"
 
     # -- token views ----------------------------------------------------------------------------
