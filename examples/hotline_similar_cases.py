@@ -5,7 +5,7 @@ Shows a LangChain pipeline a government service hotline can run on CPU servers:
 1. a BM25 first stage over the past tickets in ``examples/data/hotline_tickets.jsonl`` (jieba word
    segmentation + rank-bm25; or Elasticsearch, see below) returns the top 50;
 2. ``Qwen3RerankCompressor`` with the ``similar_ticket`` instruction keeps the best 3, inside a
-   ``ContextualCompressionRetriever``;
+   ``Qwen3RerankRetriever`` (langchain-core only);
 3. each match is printed with its ticket id, score, confidence band and how it was handled;
 4. when even the best match is in the low band, the ticket is generalized (addresses, dates,
    times, numbers and names stripped) and reranked again with
@@ -35,7 +35,6 @@ import sys
 from typing import Any
 
 from _common import add_model_options, demo_reminder, load_reranker, read_jsonl
-from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
@@ -43,7 +42,7 @@ from pydantic import ConfigDict, Field
 
 from qwen3_rerank_plugins.evaluate import BM25Index
 from qwen3_rerank_plugins.fallback import rerank_with_fallback
-from qwen3_rerank_plugins.langchain import Qwen3RerankCompressor
+from qwen3_rerank_plugins.langchain import Qwen3RerankCompressor, Qwen3RerankRetriever
 
 NEW_TICKETS = [
     "朝阳区建国路88号3号楼电梯昨晚十一点又坏了，张女士被困二十分钟",
@@ -116,7 +115,7 @@ def load_into_elasticsearch(url: str, index_name: str, tickets: list[dict[str, A
     response.raise_for_status()
 
 
-def show(ticket: str, retriever: ContextualCompressionRetriever, first_stage: BaseRetriever) -> None:
+def show(ticket: str, retriever: Qwen3RerankRetriever, first_stage: BaseRetriever) -> None:
     print(f"New ticket: {ticket}")
     matches = retriever.invoke(ticket)
     for rank, doc in enumerate(matches, 1):
@@ -127,7 +126,7 @@ def show(ticket: str, retriever: ContextualCompressionRetriever, first_stage: Ba
     if matches and matches[0].metadata["relevance_band"] == "low":
         # Low confidence: rerank the same candidates with a more general ticket.
         candidates = first_stage.invoke(ticket)
-        compressor = retriever.base_compressor
+        compressor = retriever.compressor
         outcome = rerank_with_fallback(
             compressor.engine,
             ticket,
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         first_stage = JiebaBM25Retriever(documents=docs, k=args.candidates)
         print(f"First stage: BM25 (jieba) over {len(docs)} past tickets, top {args.candidates}")
     compressor = Qwen3RerankCompressor(reranker=reranker, top_n=3, instruction="similar_ticket")
-    retriever = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=first_stage)
+    retriever = Qwen3RerankRetriever(base_retriever=first_stage, compressor=compressor)
     print(f"Reranker: {reranker!r}, instruction 'similar_ticket', top 3\n")
 
     for ticket in args.ticket or NEW_TICKETS:

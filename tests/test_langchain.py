@@ -357,8 +357,13 @@ def test_docs_snippet_runs(tiny_model_dir, capsys):
     assert all("relevance_score" in d.metadata for d in namespace["docs"])
     # The snippet's compressor and get_reranker share the engine.
     auto = get_reranker(tiny_model_dir)  # device="auto", as in the snippet
-    assert namespace["rr"] is namespace["retriever"].base_compressor.engine is auto
+    assert namespace["rr"] is namespace["retriever"].compressor.engine is auto
     assert namespace["confident_only"].engine is auto
+    assert [d.id for d in namespace["best"]] == [line.split()[0] for line in printed]
+    assert isinstance(namespace["classic_retriever"], ContextualCompressionRetriever)
+    assert namespace["classic_retriever"].invoke(QUERY) == namespace["confident_only"].compress_documents(
+        namespace["base_retriever"].invoke(QUERY), QUERY
+    )
 
 
 def test_readme_section_runs(tiny_model_dir, capsys):
@@ -377,4 +382,4 @@ def test_readme_section_runs(tiny_model_dir, capsys):
     assert [float(p[1]) for p in printed] == pytest.approx(
         [d.metadata["relevance_score"] for d in docs], abs=1e-3
     )
-    assert namespace["retriever"].base_compressor.engine is get_reranker(tiny_model_dir)  # device="auto"
+    assert namespace["retriever"].compressor.engine is get_reranker(tiny_model_dir)  # device="auto"

@@ -34,6 +34,9 @@ _EXPORTS = {
     "InputTooLongError": "validation",
     "InstructionTemplate": "templates",
     "ModelSourceError": "sources",
+    "Qwen3RerankWarning": "notices",
+    "RandomWeightsWarning": "notices",
+    "UnknownTemplateWarning": "notices",
     "RerankAttempt": "results",
     "RerankResult": "results",
     "Reranker": "engine",
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     from .engine import Reranker
     from .fallback import rerank_with_fallback
     from .generalize import generalize
+    from .notices import Qwen3RerankWarning, RandomWeightsWarning, UnknownTemplateWarning
     from .protocol import GroupScores, ScoreGroup, Scorer, ScoringStopped
     from .registry import clear_reranker_cache, get_reranker
     from .results import Band, ConfidenceBands, FallbackRerank, RerankAttempt, RerankResult

@@ -21,7 +21,6 @@ On out-of-memory a batch (or a wave of prefixes) is split and retried, never dro
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import threading
 import unicodedata
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .plain_tokenizer import plain_text_tokenizer
 from .protocol import ScoringStopped, StopCheck
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX
 
@@ -254,30 +254,6 @@ def _row_mask(
 # ---------------------------------------------------------------------------------------------
 
 
-def _plain_text_tokenizer(tokenizer: Any):
-    """A copy of the fast tokenizer that knows no added tokens.
-
-    User text goes through it, so ``<|im_end|>`` or ``<think>`` inside a document is read as the
-    characters it is made of, never as a control token. Text without such strings gets exactly
-    the ids the full tokenizer gives.
-    """
-    from tokenizers import Tokenizer
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(
-            "a fast (Rust) tokenizer is required; "
-            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
-        )
-    spec = json.loads(backend.to_str())
-    spec["added_tokens"] = []
-    spec["post_processor"] = None
-    plain = Tokenizer.from_str(json.dumps(spec))
-    plain.no_truncation()
-    plain.no_padding()
-    return plain
-
-
 class ScoringModel:
     """Weights, tokenizers and the two-row head of one loaded Qwen3-Reranker.
 
@@ -308,7 +284,7 @@ class ScoringModel:
                 self.device
             )
 
-        self.plain = _plain_text_tokenizer(tokenizer)
+        self.plain = plain_text_tokenizer(tokenizer)  # shares the model: no seconds-long JSON copy
         self.prefix_ids: list[int] = tokenizer.encode(PROMPT_PREFIX, add_special_tokens=False)
         self.suffix_ids: list[int] = tokenizer.encode(PROMPT_SUFFIX, add_special_tokens=False)
         pad_id = tokenizer.pad_token_id

@@ -45,6 +45,7 @@ from . import __version__
 from .batch import DEFAULT_CHUNK_PAIRS
 from .console import command_logging, model_not_found_advice, one_line
 from .evaluate import FIRST_STAGES
+from .notices import notices_logged_only
 from .results import ConfidenceBands
 from .server_defaults import (
     API_KEY_ENV,
@@ -1024,7 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_exclusive(parser, args)
     func: Callable[[argparse.Namespace], int] = args.func
-    with command_logging(verbose=args.verbose, quiet=args.quiet):
+    with command_logging(verbose=args.verbose, quiet=args.quiet), notices_logged_only():  # log shows them
         try:
             return int(func(args) or 0)
         except KeyboardInterrupt:

@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
+from .tracing import httpx_event_hooks
 from .validation import check_positive_int, check_top_n, document_text
 
 httpx = require("httpx", "server", "The rerank service client")
@@ -525,6 +526,7 @@ class _ClientSettings:
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
+            event_hooks=httpx_event_hooks(self._http_class == "AsyncClient"),  # W3C traceparent
         )
 
     def _parse(self, response: Any, parse: Callable, start: int, size: int) -> list:

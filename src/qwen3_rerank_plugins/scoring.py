@@ -22,6 +22,7 @@ from .protocol import GroupScores, ScoreGroup, StopCheck
 from .results import ConfidenceBands, FallbackRerank, RerankResult, rank_results, sigmoid
 from .settings import RerankerSettings
 from .templates import InstructionTemplate, resolve_instruction
+from .tracing import rerank_span
 from .validation import (
     Document,
     check_bool,
@@ -136,9 +137,12 @@ class BaseReranker:
         busy = [i for i, g in enumerate(checked) if g.texts]
         out = [GroupScores([], 0) for _ in checked]
         if busy:
-            scored = self._score_groups(
-                [checked[i] for i in busy], self._progress(show_progress), should_stop
-            )
+            with rerank_span(self) as span:  # OpenTelemetry ([otel]); else a no-op
+                span.groups([checked[i] for i in busy])
+                scored = self._score_groups(
+                    [checked[i] for i in busy], self._progress(show_progress), should_stop
+                )
+                span.scored(scored)
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out
@@ -155,9 +159,12 @@ class BaseReranker:
         busy = [i for i, g in enumerate(checked) if g.texts]
         out = [GroupScores([], 0) for _ in checked]
         if busy:
-            scored = await self._ascore_groups(
-                [checked[i] for i in busy], self._progress(show_progress), should_stop
-            )
+            with rerank_span(self) as span:  # OpenTelemetry ([otel]); else a no-op
+                span.groups([checked[i] for i in busy])
+                scored = await self._ascore_groups(
+                    [checked[i] for i in busy], self._progress(show_progress), should_stop
+                )
+                span.scored(scored)
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out
@@ -230,8 +237,10 @@ class BaseReranker:
             input order.
         """
         top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        group = self._group(query, documents, instruction)
-        scored = self.score_groups([group], show_progress=show_progress)[0]
+        with rerank_span(self) as span:  # the scoring below records into this one span
+            span.top_n(top_n)
+            group = self._group(query, documents, instruction)
+            scored = self.score_groups([group], show_progress=show_progress)[0]
         return self._ranked(scored, documents, top_n, threshold)
 
     def rank(
@@ -287,8 +296,10 @@ class BaseReranker:
     ) -> list[RerankResult]:
         """:meth:`rerank` without blocking the event loop."""
         top_n, threshold = check_top_n(top_n), check_threshold(threshold)
-        group = self._group(query, documents, instruction)
-        scored = (await self.ascore_groups([group], show_progress=show_progress))[0]
+        with rerank_span(self) as span:  # the scoring below records into this one span
+            span.top_n(top_n)
+            group = self._group(query, documents, instruction)
+            scored = (await self.ascore_groups([group], show_progress=show_progress))[0]
         return self._ranked(scored, documents, top_n, threshold)
 
     # -- low-confidence fallback ----------------------------------------------------------------

@@ -13,6 +13,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .notices import RandomWeightsWarning, warn_once
+
 __all__ = ["MODEL_FILE_PATTERNS", "ModelSourceError", "resolve_model_dir", "validate_model_dir"]
 
 logger = logging.getLogger(__name__)
@@ -153,12 +155,13 @@ def resolve_model_dir(
         from .demo import demo_model_dir
 
         path = demo_model_dir(DEMO_MODELS[name])
-        logger.warning(
-            "model %r is the demo model: tiny and built locally with RANDOM weights, so its scores are "
-            "MEANINGLESS (it only shows the pipeline working offline); pass a hub id or a local "
-            "directory of Qwen3-Reranker for real scores",
-            name,
+        notice = (
+            f"model {name!r} is the demo model: tiny and built locally with RANDOM weights, so its scores "
+            "are MEANINGLESS (it only shows the pipeline working offline); pass a hub id or a local "
+            "directory of Qwen3-Reranker for real scores"
         )
+        logger.warning("%s", notice)
+        warn_once(RandomWeightsWarning, name, notice)  # seen with no logging set up, once per name
         return path, "demo"
 
     if source == "local" or (source == "auto" and local.is_dir()):

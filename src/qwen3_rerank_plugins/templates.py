@@ -17,6 +17,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .notices import UnknownTemplateWarning, warn_once
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "INSTRUCTION_TEMPLATES",
@@ -239,10 +241,12 @@ def suggest_template_name(name: str) -> str | None:
 
 
 def _warn_once(key: str, message: str, *args: object) -> None:
+    # A warnings.warn (UnknownTemplateWarning) as well as a log record: seen with no logging set up.
     if key in _warned_names:
         return
     _warned_names.add(key)
     logger.warning(message, *args)
+    warn_once(UnknownTemplateWarning, key, message % args)
 
 
 _BUILTIN: Mapping[str, tuple[str, str]] = {

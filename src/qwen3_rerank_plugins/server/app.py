@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from ..server_defaults import ServiceConfig
 from .handlers import rank_response, rerank_response, too_large
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .offline_docs import serve_docs_offline
 from .responses import (
     ERROR_DESCRIPTIONS,
     ErrorResponse,
@@ -54,6 +55,7 @@ from .schemas import (
     parse_json_body,
 )
 from .service import CLIENT_CLOSED, RerankService
+from .tracing import TraceMiddleware
 
 __all__ = ["create_app"]
 
@@ -114,10 +116,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    serve_docs_offline(app)  # /docs and /redoc without a CDN (air-gapped servers)
     app.add_middleware(_BodyLimitMiddleware, limit=config.max_body_bytes)
     if config.body_timeout is not None:
         app.add_middleware(_BodyTimeoutMiddleware, timeout=float(config.body_timeout))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts the 408s too
+    app.add_middleware(TraceMiddleware)  # OpenTelemetry span per request ([otel]; else a no-op)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
