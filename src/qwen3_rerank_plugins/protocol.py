@@ -45,6 +45,8 @@ class ScoreGroup:
         long_documents: Read long documents in windows (``None``: the backend's setting).
         max_windows: Most windows read per long document (``None``: the backend's setting);
             Cohere's ``max_chunks_per_doc``.
+        cache: Read and write the backend's score cache, if it has one; ``False``: score these
+            pairs afresh and store nothing (a request's ``"cache": false``).
     """
 
     query: str
@@ -54,6 +56,7 @@ class ScoreGroup:
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
     max_windows: int | None = None
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,14 @@ class GroupScores:
         spans: For each document, the ``(start, end)`` character span of the window that gave
             its score, or ``None`` where the document was read whole (or cut as the model card
             does); ``None`` for the whole list when no window was used.
+        cached_tokens: Of ``tokens``, those of pairs answered from a score cache instead of
+            the model (``0`` without a cache).
     """
 
     logits: list[float]
     tokens: int | None = None
     spans: list[tuple[int, int] | None] | None = field(default=None)
+    cached_tokens: int = 0
 
 
 @runtime_checkable
