@@ -399,3 +399,123 @@ def test_clearing_drops_both_tiers_and_only_this_namespace(reranker, redis_serve
     assert redis_server.contents() == {b"someone-else:key": b"kept"}
     cached.score(FAQ_QUERY, FAQ_DOCS[:3])
     assert cache.stats()["hits"] == {"memory": 0, "redis": 0}
+
+
+# ------------------------------------------------------------------ the service
+
+
+class ServiceProcess:
+    """``qwen3-rerank serve`` in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, model_dir: Path, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = log
+        self._log = log.open("w")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TOKENIZERS_PARALLELISM": "false"}
+        command = [sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", str(model_dir),
+                   "--device", "cpu", "--port", str(self.port), "--no-access-log", *args]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, timeout, f"the service on port {self.port}", interval=0.2)
+
+    def rerank(self, body: dict) -> dict:
+        import httpx
+
+        response = httpx.post(f"{self.url}/v1/rerank", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _scores(answer: dict) -> dict[int, float]:
+    return {r["index"]: r["relevance_score"] for r in answer["results"]}
+
+
+@needs_redis
+@pytest.mark.slow
+def test_two_service_processes_share_one_redis(tiny_model_dir, redis_server, tmp_path):
+    services = [
+        ServiceProcess(tiny_model_dir, tmp_path / f"serve-{i}.log", "--cache-url", redis_server.url)
+        for i in range(2)
+    ]
+    try:
+        for s in services:
+            s.wait_ready()
+        first, second = services
+        body = {"query": SECRET_QUERY, "documents": SECRET_DOCS}
+        computed = first.rerank(body)
+        assert first.metrics()["qwen3_rerank_cache_misses_total"] == len(SECRET_DOCS)
+        answered = second.rerank(body)  # scored on the first process, answered from Redis here
+        assert _scores(answered) == pytest.approx(_scores(computed), abs=1e-7)
+        m = second.metrics()
+        assert m['qwen3_rerank_cache_hits_total{tier=redis}'] == len(SECRET_DOCS)
+        assert m["qwen3_rerank_cache_misses_total"] == 0
+        assert m["qwen3_rerank_cache_tokens_saved_total"] == answered["usage"]["total_tokens"]
+        # Again on the second: now from its own memory.
+        second.rerank(body)
+        assert second.metrics()['qwen3_rerank_cache_hits_total{tier=memory}'] == len(SECRET_DOCS)
+        # A request that opts out is scored afresh and stores nothing.
+        fresh = second.rerank({**body, "documents": [*SECRET_DOCS, "新工单"], "cache": False})
+        m2 = second.metrics()
+        assert _scores(fresh)[0] == pytest.approx(_scores(computed)[0], abs=1e-6)
+        assert m2['qwen3_rerank_cache_hits_total{tier=memory}'] == len(SECRET_DOCS)
+        assert m2["qwen3_rerank_cache_misses_total"] == 0
+        assert m2["qwen3_rerank_cache_entries"] == len(SECRET_DOCS)  # "新工单" was not stored
+        # Nothing in Redis holds the text.
+        for key, value in redis_server.contents().items():
+            assert SECRET_QUERY.encode() not in key + value and len(value) == 24
+        # Clearing empties the answering process and the shared tier.
+        import httpx
+
+        cleared = httpx.post(f"{second.url}/v1/cache/clear", timeout=30)
+        assert cleared.status_code == 200, cleared.text
+        assert cleared.json() == {"cleared": {"memory": len(SECRET_DOCS), "redis": len(SECRET_DOCS)}}
+        assert redis_server.contents() == {}
+        # Redis killed mid-run: both keep answering, and count the errors.
+        redis_server.kill()
+        for i, s in enumerate(services):
+            for j in range(2):  # a new document: past the in-process tier, to Redis
+                again = _scores(s.rerank({**body, "documents": [*SECRET_DOCS, f"新工单 {i}-{j}"]}))
+                assert [again[k] for k in range(3)] == pytest.approx(
+                    [_scores(computed)[k] for k in range(3)], abs=1e-6
+                )
+        assert first.metrics()['qwen3_rerank_cache_errors_total{tier=redis}'] >= 1
+        assert second.metrics()['qwen3_rerank_cache_errors_total{tier=redis}'] >= 1
+    finally:
+        for s in services:
+            s.stop()
+    log = services[0].log_path.read_text()
+    failures = [line for line in log.splitlines() if "Redis score cache at" in line and "failed" in line]
+    assert len(failures) == 1, log  # logged once

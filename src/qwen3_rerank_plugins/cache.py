@@ -457,7 +457,7 @@ class ScoreCache:
             "stores": c.get("stores", 0),
             "pairs_saved": c.get("pairs_saved", 0),
             "tokens_saved": c.get("tokens_saved", 0),
-            "errors": {t: self.redis.errors if t == "redis" and self.redis else 0 for t in self.tiers},
+            "errors": {} if self.redis is None else {"redis": self.redis.errors},
         }
         if self.memory is not None:
             out["memory_entries"] = len(self.memory)

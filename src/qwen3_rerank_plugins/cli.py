@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from . import __version__
+from .cache import DEFAULT_CACHE_TTL_S
 from .evaluate import FIRST_STAGES
 from .results import ConfidenceBands, rank_results
 from .server_defaults import (
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_CACHE_SIZE,
     DEFAULT_GRACEFUL_TIMEOUT_S,
     DEFAULT_HOST,
     DEFAULT_MAX_BATCH_PAIRS,
@@ -648,8 +650,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Resolve the demo model before the server starts, so its warning comes first.
     model = _model_path(args)
 
+    try:
+        cache = _score_cache(args)  # a bad --cache-url fails now, not after the model loaded
+    except (ValueError, ImportError) as exc:
+        raise CommandError(str(exc)) from exc
+
     def factory() -> Any:
-        return load_reranker(args, model=model, **settings)
+        reranker = load_reranker(args, model=model, **settings)
+        return reranker if cache is None else reranker.with_cache(cache)
 
     logger.info(
         "Starting the rerank service on http://%s:%d (API key %s)",
@@ -681,6 +689,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 f"could not start the server on {args.host}:{args.port} (see the log above)"
             ) from exc
     return 0
+
+
+def _score_cache(args: argparse.Namespace) -> Any:
+    """The service's score cache from ``--cache-size``, ``--cache-url`` and ``--cache-ttl`` (or ``None``)."""
+    from .cache import ScoreCache
+
+    if not args.cache_size and args.cache_url is None:
+        return None
+    return ScoreCache(args.cache_size, url=args.cache_url, ttl=args.cache_ttl or None)
 
 
 _RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
@@ -730,6 +747,9 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         max_body_bytes=args.max_body_bytes,
         batch_wait_ms=args.batch_wait_ms,
         model_name=args.served_model_name,
+        cache_size=args.cache_size,
+        cache_url=args.cache_url,
+        cache_ttl=args.cache_ttl or None,
         max_queued_requests=args.max_queue,
         graceful_shutdown_timeout_s=args.graceful_timeout,
         access_log=not args.no_access_log,
@@ -1008,6 +1028,23 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         f" (default: {DEFAULT_GRACEFUL_TIMEOUT_S:g})",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    cache = p.add_argument_group("score cache (repeated pairs are not scored again)")
+    cache.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=DEFAULT_CACHE_SIZE,
+        help=f"entries kept in process, about 240 bytes each (0: off; default: {DEFAULT_CACHE_SIZE})",
+    )
+    cache.add_argument(
+        "--cache-url",
+        help="redis://HOST:PORT/DB: a tier shared by every process and replica (needs the [cache] extra)",
+    )
+    cache.add_argument(
+        "--cache-ttl",
+        type=_non_negative_float,
+        default=DEFAULT_CACHE_TTL_S,
+        help=f"seconds a Redis entry lives (0: until Redis evicts it; default: {DEFAULT_CACHE_TTL_S})",
+    )
     ray = p.add_argument_group("Ray Serve (extra [ray])")
     ray.add_argument(
         "--ray", action="store_true", help="serve on Ray Serve: replicas of the model behind one endpoint"

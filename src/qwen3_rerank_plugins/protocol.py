@@ -175,10 +175,15 @@ class Scorer(Protocol):
 @runtime_checkable
 class LocalScorer(Scorer, Protocol):
     """A :class:`Scorer` whose model runs in this process and can count the tokens it reads
-    (what the HTTP service needs to enforce its token budget)."""
+    (what the HTTP service needs to enforce its token budget) and keep an exact score cache."""
 
     @property
     def max_length(self) -> int: ...
+
+    @property
+    def cache(self) -> Any: ...
+
+    def with_cache(self, cache: Any, *, cache_url: str | None = None) -> LocalScorer: ...
 
     def count_tokens(
         self,

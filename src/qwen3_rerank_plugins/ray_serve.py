@@ -45,12 +45,14 @@ require("starlette", "ray", "Serving on Ray Serve")
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 
+from .cache import DEFAULT_CACHE_TTL_S  # noqa: E402
 from .results import ConfidenceBands  # noqa: E402
 from .server.batcher import ScoredRequest, ScoreRequest, score_requests  # noqa: E402
 from .server.handlers import check_bearer, rank_response, read_json, rerank_response  # noqa: E402
 from .server.schemas import RequestError, error_body  # noqa: E402
 from .server_defaults import (  # noqa: E402
     DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_RAY_MAX_BATCH_SIZE,
@@ -99,13 +101,20 @@ class RerankDeployment:
         max_batch_size: int = DEFAULT_RAY_MAX_BATCH_SIZE,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         model_name: str | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cache_url: str | None = None,
+        cache_ttl: float | None = DEFAULT_CACHE_TTL_S,
     ) -> None:
+        from .cache import ScoreCache
         from .registry import get_reranker
 
         settings = {"instruction": instruction} if instruction is not None else {}
         self.reranker = get_reranker(
             model, device=device, dtype=dtype, source=source, max_length=max_length, **settings
         )
+        if cache_size or cache_url is not None:
+            # Each replica its own in-process tier; a cache_url is shared by all of them.
+            self.reranker = self.reranker.with_cache(ScoreCache(cache_size, url=cache_url, ttl=cache_ttl))
         self.bands = ConfidenceBands(*bands)
         self.api_key = api_key
         self.max_documents = max_documents

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_BATCH_WAIT_MS",
     "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_CACHE_SIZE",
     "DEFAULT_GRACEFUL_TIMEOUT_S",
     "DEFAULT_HOST",
     "DEFAULT_MAX_BATCH_PAIRS",
@@ -45,3 +46,5 @@ DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 #: Most prompt tokens one request may make the model read, summed over its documents (413 beyond).
 DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
+#: Entries of the service's in-process score cache (about 240 bytes each: ~24 MB); 0 turns it off.
+DEFAULT_CACHE_SIZE = 100_000

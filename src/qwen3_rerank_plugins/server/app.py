@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 _RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
-_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics"})
+_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics", "/v1/cache/clear"})
 _RETRY_AFTER_LOADING = "5"
 _RETRY_AFTER_BUSY = "1"
 _CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
@@ -157,6 +157,8 @@ def create_app(
         metrics.model_info.labels(state.model_name, device, dtype).set(1)
         metrics.queue_depth.set_function(lambda: batcher.pending)
         metrics.model_loaded.set(1)
+        if reranker.cache is not None:
+            metrics.watch_cache(reranker.cache.stats)
         state.batcher = batcher
         logger.info("Serving %s on %s (%s)", state.model_name, device, dtype)
 
@@ -351,6 +353,28 @@ def create_app(
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # An operator's endpoint, outside the published rerank contract (docs/serving.md, "Score cache").
+    @app.post(
+        "/v1/cache/clear",
+        summary="Empty the score cache (this process's tier and the shared Redis)",
+        include_in_schema=False,
+    )
+    async def clear_cache(request: Request) -> JSONResponse:
+        check_auth(request)
+        cache = getattr(state.reranker, "cache", None)
+        if cache is None:
+            return JSONResponse({"cleared": {}})
+        try:
+            cleared = await asyncio.to_thread(cache.clear)
+        except Exception as exc:  # Redis unreachable: the in-process tier is cleared all the same
+            raise RequestError(
+                f"the shared score cache could not be cleared: {type(exc).__name__}: {exc}",
+                status_code=503,
+                type="cache_unavailable",
+            ) from exc
+        logger.info("Score cache cleared: %s", cleared)
+        return JSONResponse({"cleared": cleared})
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document completed with the request and response schemas (see :mod:`.openapi`)."""

@@ -68,6 +68,7 @@ class _Pending:
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
     max_windows: int | None = None
+    cache: bool = True
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -143,6 +144,7 @@ class MicroBatcher:
         max_doc_tokens: int | None = None,
         long_documents: bool | None = None,
         max_windows: int | None = None,
+        cache: bool = True,
     ) -> ScoredRequest:
         """Queue one request and wait for its scores.
 
@@ -169,6 +171,7 @@ class MicroBatcher:
                 max_doc_tokens,
                 long_documents,
                 max_windows,
+                cache,
             )
         )
         self._wakeup.set()
@@ -259,6 +262,7 @@ class ScoreRequest(NamedTuple):
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
     max_windows: int | None = None
+    cache: bool = True
 
 
 def score_requests(
@@ -318,6 +322,7 @@ def _score_together(
             max_doc_tokens=getattr(item, "max_doc_tokens", None),
             long_documents=getattr(item, "long_documents", None),
             max_windows=getattr(item, "max_windows", None),
+            cache=getattr(item, "cache", True),
         )
         for item in items
     ]

@@ -35,6 +35,8 @@ BooleanString = Annotated[str, Field(pattern=r"^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][S
 Flag = bool | BooleanString | None
 TokenCount = Annotated[int, Field(ge=1)]
 
+_CACHE_FLAG = "false: score afresh, neither reading nor filling the score cache (default true)"
+
 
 class _Open(BaseModel):
     """Unknown fields are accepted and ignored, as the servers these clients were written for do."""
@@ -104,6 +106,7 @@ class RerankRequest(_Open):
         description="Cohere v1: read a document longer than the budget in up to this many overlapping "
         "windows; it scores by its best window, whose character span comes back as `span`",
     )
+    cache: Flag = Field(None, description=_CACHE_FLAG)
 
 
 class TeiRerankRequest(_Open):

@@ -85,11 +85,13 @@ class TokenLimits:
             tokens; ``None``: the service's setting.
         max_windows: ``max_chunks_per_doc`` (Cohere v1): read a long document in up to this many
             windows and score it by the best; ``None``: the service's setting.
+        cache: ``"cache": false`` scores the request afresh and stores nothing in the score cache.
     """
 
     max_doc_tokens: int | None = None
     max_query_tokens: int | None = None
     max_windows: int | None = None
+    cache: bool = True
 
     def as_kwargs(self) -> dict[str, Any]:
         """The caps that are set, as keyword arguments of the scoring function.
@@ -104,6 +106,8 @@ class TokenLimits:
         }
         if self.max_windows is not None:
             out.update(long_documents=True, max_windows=self.max_windows)
+        if not self.cache:
+            out["cache"] = False
         return {name: value for name, value in out.items() if value is not None}
 
 
@@ -311,6 +315,7 @@ def _limits(body: Mapping[str, Any]) -> TokenLimits:
         max_doc_tokens=_token_cap(body, "max_tokens_per_doc"),
         max_query_tokens=_token_cap(body, "max_tokens_per_query"),
         max_windows=_token_cap(body, "max_chunks_per_doc"),
+        cache=_flag(body, "cache", True),
     )
 
 
