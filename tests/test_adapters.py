@@ -295,6 +295,57 @@ def test_unreachable_service_is_a_clear_error():
         compressor.compress_documents([Document("x")], "q")
 
 
+_NO_TORCH_CLIENTS = {
+    "llama_index": """
+        from llama_index.core.schema import NodeWithScore, TextNode
+        from qwen3_rerank_plugins.llama_index import Qwen3Rerank
+        post = Qwen3Rerank(base_url=URL, top_n=2, timeout=30)
+        nodes = [NodeWithScore(node=TextNode(text=t), score=0.5) for t in TEXTS]
+        ranked = post.postprocess_nodes(nodes, query_str=QUERY)
+        print(len(ranked), ranked[0].score > 0)
+    """,
+    "langchain": """
+        from langchain_core.documents import Document
+        from qwen3_rerank_plugins.langchain import Qwen3RerankCompressor
+        compressor = Qwen3RerankCompressor(base_url=URL, top_n=2, timeout=30)
+        ranked = compressor.compress_documents([Document(t) for t in TEXTS], QUERY)
+        print(len(ranked), ranked[0].metadata["relevance_score"] > 0)
+    """,
+    "get_reranker": """
+        from qwen3_rerank_plugins import get_reranker
+        ranked = get_reranker(base_url=URL, timeout=30).rerank(QUERY, TEXTS, top_n=2)
+        print(len(ranked), ranked[0].score > 0)
+    """,
+}
+
+
+@pytest.mark.parametrize("client", sorted(_NO_TORCH_CLIENTS))
+def test_the_remote_path_loads_no_torch(service_url, client):
+    """A thin client process (adapters or get_reranker with base_url=) scores on the service without torch."""
+    code = f"import sys\nURL, QUERY, TEXTS = {service_url!r}, {REMOTE_QUERY!r}, {REMOTE_TEXTS!r}\n"
+    code += textwrap.dedent(_NO_TORCH_CLIENTS[client])
+    code += "print('torch' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "True", "False"], out.stderr
+
+
+def test_base_url_takes_the_caps_the_service_accepts(service_url, reranker):
+    """max_doc_tokens / max_query_tokens / long_documents ride on each request; timeout reaches the client."""
+    compressor = Qwen3RerankCompressor(base_url=service_url, top_n=None, max_doc_tokens=3, timeout=7.5)
+    assert compressor.engine.settings()["max_doc_tokens"] == 3
+    assert compressor.engine._conn.sync.timeout == 7.5
+    docs = [Document(text) for text in REMOTE_TEXTS]
+    ranked = compressor.compress_documents(docs, REMOTE_QUERY)
+    got = {d.page_content: d.metadata["relevance_score"] for d in ranked}
+    expected = reranker.with_settings(max_doc_tokens=3).score(REMOTE_QUERY, REMOTE_TEXTS)
+    assert [got[t] for t in REMOTE_TEXTS] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValidationError, match="timeout= applies to a base_url= service"):
+        Qwen3RerankCompressor(reranker=reranker, timeout=5)
+    with pytest.raises(ValidationError, match="on_overload"):
+        Qwen3Rerank(base_url=service_url, on_overload="ignore")
+
+
 # -- low-confidence fallback from the adapters' settings -----------------------------------------
 
 

@@ -81,6 +81,10 @@ def test_no_import_cycles_lazy_imports_included():
         "qwen3_rerank_plugins.templates",
         "qwen3_rerank_plugins.scoring",
         "qwen3_rerank_plugins.server_defaults",
+        "qwen3_rerank_plugins.settings",
+        "qwen3_rerank_plugins.registry",
+        "qwen3_rerank_plugins._adapters",
+        "qwen3_rerank_plugins.batch",
     ],
 )
 def test_torch_free_layers_do_not_load_torch(module):

@@ -187,7 +187,9 @@ def test_serve_passes_the_defaults_and_explicit_values_to_the_server(
     import qwen3_rerank_plugins.server
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(qwen3_rerank_plugins.server, "serve", lambda factory, **kw: calls.append(kw))
+    monkeypatch.setattr(
+        qwen3_rerank_plugins.server, "serve", lambda factory, config, **kw: calls.append(vars(config))
+    )
     base = ["serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
 
     assert cli(base).returncode == 0
@@ -681,11 +683,10 @@ def test_supervisor_runs_restarts_and_gracefully_stops_the_service(
             ["--ray", "--replicas", "3", "--max-replicas", "2"],
             "--max-replicas (2) must be at least --replicas (3)",
         ),
-        (["--ray", "--max-batch-pairs", "64"], "--max-batch-pairs does not apply with --ray"),
-        # Given with the default's value is still given.
-        (["--ray", "--max-batch-pairs", "256"], "--max-batch-pairs does not apply with --ray"),
+        # The service's settings are one configuration, checked the same with and without --ray.
+        (["--ray", "--api-key", " "], "--api-key must not be empty"),
     ],
-    ids=["ray option without --ray", "max below min", "plain-server option with --ray", "its default value"],
+    ids=["ray option without --ray", "max below min", "service setting with --ray"],
 )
 def test_serve_ray_options_are_checked_before_anything_starts(
     cli, tiny_model_dir: Path, args: list[str], words: str
@@ -900,6 +901,46 @@ def test_batch_resume_skips_what_is_done_and_redoes_a_half_written_line(
     )
     assert again.returncode == 0 and engine_calls == []
     assert partial.read_text(encoding="utf-8").count("\n") == 210
+
+
+def test_rank_jsonl_is_the_batch_job_from_python(
+    reranker: Reranker, batch_expected: list[list[float]], tmp_path: Path
+) -> None:
+    """The job behind `qwen3-rerank batch`, called as a library function: paths or streams."""
+    from qwen3_rerank_plugins.batch import BatchError, rank_jsonl
+
+    engine = reranker.with_settings(bands=BATCH_BANDS)
+    records = _batch_records(30)
+    source = _write_jsonl(tmp_path / "tickets.jsonl", records)
+    out = tmp_path / "ranked.jsonl"
+    summary = rank_jsonl(engine, source, out, chunk_pairs=40)
+    assert (summary.records, summary.skipped, summary.bad) == (30, 0, [])
+    assert summary.pairs == sum(len(_docs(r)) for r in records)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    _check_rankings(rows, records, batch_expected)
+
+    # Resume: a run cut after 10 records (and mid-way through the 11th) is finished, not redone.
+    finished = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(finished[:10]) + finished[10][:20], encoding="utf-8")
+    again = rank_jsonl(engine, source, out, resume=True)
+    assert (again.records, again.skipped) == (20, 10)
+    resumed = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    _check_rankings(resumed, records, batch_expected)
+
+    # Streams in and out; a bad record is skipped and reported by line, or stops the job.
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records[:3]]
+    lines.insert(1, '{"query": "q"}\n')
+    sink = io.StringIO()
+    skipped = rank_jsonl(engine, lines, sink, top_n=1)
+    assert (skipped.records, skipped.bad) == (3, [2])
+    # top_n=1 for records that give none (the first gives top_n=2).
+    assert [len(json.loads(row)["results"]) for row in sink.getvalue().splitlines()] == [2, 1, 1]
+    with pytest.raises(BatchError, match=r"^stdin line 2: no 'documents'"):
+        rank_jsonl(engine, lines, io.StringIO(), on_error="stop")
+    with pytest.raises(ValueError, match="resume=True needs output to be a file path"):
+        rank_jsonl(engine, lines, io.StringIO(), resume=True)
+    with pytest.raises(ValueError, match="chunk_pairs must be a positive int"):
+        rank_jsonl(engine, lines, io.StringIO(), chunk_pairs=0)
 
 
 BAD_RECORDS = [

@@ -310,3 +310,72 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert header("garbage") is None
     assert 5 <= header(email.utils.formatdate(time.time() + 10, usegmt=True)) <= 11
     assert header(email.utils.formatdate(time.time() - 100, usegmt=True)) == 0.0
+
+
+# -- overload: the call's timeout, Retry-After and on_overload ----------------------------------
+
+
+def _queue_depth(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("qwen3_rerank_queue_depth"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_real_services_full_queue_keeps_order_or_raises_or_is_waited_out(
+    reranker: Reranker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's --max-queue overflow (503 + Retry-After: 1) over real HTTP, no stand-in."""
+    import threading
+
+    from helpers import wait_for
+
+    # The batcher waits 2.5 s after the first request: it holds the queue's only place meanwhile.
+    app = create_app(reranker, max_queue=1, batch_wait_ms=2500)
+    with live_server(app) as base_url:
+        blocker = threading.Thread(target=lambda: httpx.post(
+            f"{base_url}/v1/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60
+        ))  # fmt: skip
+        blocker.start()
+        wait_for(lambda: _queue_depth(base_url) >= 1, 30, "the first request to queue")
+
+        # Retry-After (1 s) ends past this call's 0.5 s: no wait, at once.
+        with RerankClient(base_url, timeout=0.5, retry=FAST) as strict:
+            start = time.monotonic()
+            with pytest.raises(RerankServiceError, match=r"past this call's timeout of 0\.5 s") as info:
+                strict.rerank(QUERY, DOCS)
+            assert time.monotonic() - start < 0.5
+        assert info.value.status_code == 503 and info.value.overloaded and info.value.type == "overloaded"
+
+        with (
+            RerankClient(base_url, timeout=0.5, retry=FAST, on_overload="keep_order") as kind,
+            caplog.at_level(logging.WARNING, logger="qwen3_rerank_plugins.client"),
+        ):
+            hits = kind.rerank(QUERY, DOCS, top_n=2, return_documents=True)
+        assert [(h.index, h.document, h.reranked) for h in hits] == [(0, DOCS[0], False), (1, DOCS[1], False)]
+        assert all(h.relevance_score != h.relevance_score for h in hits)  # NaN: no score
+        assert "overloaded" in caplog.text
+        assert f"keeping the input order of {len(DOCS)} documents" in caplog.text
+
+        # With time to spare the client waits as Retry-After says until the queue has room.
+        with RerankClient(base_url, timeout=30, retry=RetryPolicy(max_retries=10, backoff=0.01)) as patient:
+            start = time.monotonic()
+            hits = patient.rerank(QUERY, DOCS)
+            assert time.monotonic() - start >= 0.9
+        blocker.join(timeout=60)
+    _assert_same([(h.index, h.relevance_score) for h in hits], _engine_ranking(reranker, QUERY, DOCS))
+    assert all(h.reranked for h in hits)
+
+
+async def test_async_client_keeps_order_on_overload(app: Any) -> None:
+    front = Front(app, failures=(503,) * 5, retry_after="10")
+    with live_server(front) as base_url:
+        async with AsyncRerankClient(base_url, timeout=2, retry=FAST, on_overload="keep_order") as client:
+            hits = await client.rerank(QUERY, DOCS, top_n=3)
+    assert [(h.index, h.reranked) for h in hits] == [(0, False), (1, False), (2, False)]
+    assert len(front.posts) == 1
+    with pytest.raises(ValueError, match="on_overload must be 'raise' or 'keep_order'"):
+        RerankClient(on_overload="skip")
+    with pytest.raises(ValueError, match="max_tokens_per_doc must be a positive int"):
+        RerankClient(_closed_port_url()).rerank(QUERY, DOCS, max_tokens_per_doc=0)

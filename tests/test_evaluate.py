@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,16 +15,25 @@ from qwen3_rerank_plugins.evaluate import (
     BM25Index,
     EvalDataset,
     EvalQuery,
+    Interval,
+    Variant,
+    compare,
+    compare_instructions,
     evaluate,
     hit_at_k,
+    instruction_arms,
     load_beir,
     load_dataset,
     load_jsonl,
     mrr_at_k,
     ndcg_at_k,
+    paired_bootstrap,
     plot_report,
+    spearman,
     tokenize,
+    top_k_overlap,
 )
+from qwen3_rerank_plugins.templates import list_instruction_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +118,7 @@ def test_load_jsonl_shares_one_pool(tmp_path: Path) -> None:
         ('["a list"]', r"line 2 must be a JSON object"),
         ('{"positives": ["x"]}', r"line 2 needs a non-empty string 'query'"),
         ('{"query": "q", "negatives": ["x"]}', r"line 2 needs at least one document in 'positives'"),
-        ('{"query": "q", "positives": [""]}', r"line 2: positives\[0\] must be a non-empty string"),
+        ('{"query": "q", "positives": [{"id": 1}]}', r"line 2: positives\[0\] is a mapping without a 'text'"),
         ('{"query": "q", "positives": ["x"], "negatives": 3}', r"line 2: 'negatives' must be a list"),
     ],
 )
@@ -355,3 +365,142 @@ def test_evaluate_holds_no_command_line_code() -> None:
             imported.update(alias.name for alias in node.names)
     assert not {name for name in imported if name.lstrip(".").split(".")[-1] == "cli" or name == "argparse"}
     assert not hasattr(module, "add_parser")
+
+
+# -- comparing instructions, dtypes and models -------------------------------------------------------
+
+
+class CountingScorer:
+    """The real engine, counting its ``score_groups`` calls and the groups each one held."""
+
+    def __init__(self, reranker: Reranker) -> None:
+        self.inner = reranker
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def score_groups(self, groups, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(len(groups))
+        return self.inner.score_groups(groups, **kwargs)
+
+
+def _shipped(name: str, queries: int) -> EvalDataset:
+    data = load_dataset(ROOT / "examples" / "data" / name)
+    return dataclasses.replace(data, queries=data.queries[:queries])
+
+
+def test_paired_bootstrap_is_seeded_and_paired() -> None:
+    diffs = {"a": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0], "b": [1.0] * 6}
+    first = paired_bootstrap(diffs, resamples=500, seed=7)
+    assert paired_bootstrap(diffs, resamples=500, seed=7) == first
+    assert first["b"] == Interval(1.0, 1.0, 1.0) and first["b"].excludes_zero
+    a = first["a"]
+    assert a.mean == pytest.approx(4 / 6) and 0.0 <= a.low < a.mean < a.high <= 1.0
+    with pytest.raises(ValueError, match="one difference per query"):
+        paired_bootstrap({"a": [1.0], "b": [1.0, 2.0]})
+
+
+def test_rank_agreement_helpers() -> None:
+    assert spearman([0.1, 0.5, 0.9], [1, 2, 4]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    assert top_k_overlap([3, 2, 1, 0], [3, 0, 2, 1], 2) == 0.5
+    assert instruction_arms(["all"])[0] is None
+    assert set(instruction_arms(["all"])[1:]) == {t.name for t in list_instruction_templates()}
+
+
+def test_compare_instructions_on_a_shipped_set_batches_shared_pairs(reranker: Reranker) -> None:
+    data = _shipped("hotline_eval.jsonl", 6)
+    counting = CountingScorer(reranker)
+    instructions = [None, "similar_ticket", "customer_service_faq"]
+    report = compare_instructions(
+        counting, data, instructions, first_stage="none", ks=[1, 3], resamples=300, bootstrap_seed=5
+    )
+    # One engine call holding every (instruction, query) group, not one per query per instruction.
+    assert counting.calls == [3 * 6] and report.engine_calls == 1
+    assert report.pairs == 3 * sum(len(q.candidates or ()) for q in data.queries)
+    assert list(report.metrics) == ["default", "similar_ticket", "customer_service_faq"]
+    assert report.baseline == "default" and set(report.differences) == {
+        "similar_ticket",
+        "customer_service_faq",
+    }
+    # Each arm's metrics are those of a plain evaluation with that instruction.
+    for label, instruction in zip(report.metrics, instructions, strict=True):
+        alone = evaluate(reranker, data, first_stage="none", ks=[1, 3], instruction=instruction)
+        assert report.metrics[label] == pytest.approx(alone.after)
+    for label, diffs in report.differences.items():
+        for name, iv in diffs.items():
+            assert iv.low <= iv.high  # a percentile interval; the observed mean is usually inside
+            assert iv.mean == pytest.approx(report.metrics[label][name] - report.metrics["default"][name])
+        assert -1.0 <= report.agreement[label]["spearman"] <= 1.0
+    # A winner only where its interval excludes zero.
+    for name, winner in report.winner.items():
+        if winner not in (None, "default"):
+            assert report.differences[winner][name].low > 0
+    # The same seed, the same intervals; the statement of resamples and seed travels with them.
+    again = compare_instructions(
+        reranker, data, instructions, first_stage="none", ks=[1, 3], resamples=300, bootstrap_seed=5
+    )
+    assert again.differences == report.differences
+    payload = json.loads(json.dumps(report.to_dict()))
+    assert payload["bootstrap"] == {"resamples": 300, "seed": 5, "confidence": 0.95}
+    assert "300 resamples, seed 5" in report.format()
+
+
+def test_compare_dtypes_reports_rank_agreement(tiny_model_dir: Path, reranker: Reranker) -> None:
+    from qwen3_rerank_plugins import get_reranker
+
+    half = get_reranker(tiny_model_dir, device="cpu", dtype="bfloat16")
+    data = _shipped("faq_eval.jsonl", 4)
+    report = compare(
+        [Variant("float32", reranker), Variant("bfloat16", half)], data, first_stage="none", resamples=200
+    )
+    assert report.engine_calls == 2 and report.arms["bfloat16"]["device"].endswith("(bfloat16)")
+    agreement = report.agreement["bfloat16"]
+    assert 0.5 < agreement["spearman"] <= 1.0 and 0 < agreement["max |Δ log-odds|"] < 1.0
+    assert set(agreement) >= {"top-1 overlap", "top-10 overlap"}
+
+
+def test_evaluate_command_compares_instructions(
+    tiny_model_dir: Path, reranker: Reranker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "hotline6.jsonl"
+    lines = (ROOT / "examples" / "data" / "hotline_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    argv = ["--quiet", "evaluate", str(data), "--model", str(tiny_model_dir), "--device", "cpu"]
+    argv += ["--first-stage", "none", "-i", "default", "-i", "similar_ticket", "--resamples", "200"]
+    chart = tmp_path / "compare.png"
+    assert cli.main([*argv, "--plot", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "Difference to the baseline" in out and "200 resamples, seed 0" in out and "Winner on" in out
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main([*argv, "--json", "--baseline", "similar_ticket"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["baseline"] == "similar_ticket" and set(payload["differences"]) == {"default"}
+    assert payload["engine_calls"] == 1
+
+
+def test_the_datas_own_instruction_is_an_arm(reranker: Reranker, tmp_path: Path) -> None:
+    from qwen3_rerank_plugins.templates import resolve_instruction
+
+    lines = (ROOT / "examples" / "data" / "hotline_eval.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    own = resolve_instruction("similar_ticket")
+    records = [{**json.loads(line), "instruction": own} for line in lines]
+    data = load_jsonl(_write_jsonl(tmp_path / "own.jsonl", records))
+    assert all(q.instruction == own for q in data.queries)
+    report = compare_instructions(reranker, data, ["all"], first_stage="none", ks=[1], resamples=100)
+    assert list(report.metrics)[:2] == ["default", "data"] and "similar_ticket" in report.metrics
+    assert report.engine_calls == 1
+    # Every query's own instruction is similar_ticket's text: the same scores as that template.
+    assert report.metrics["data"] == report.metrics["similar_ticket"]
+    assert (
+        report.agreement["data"]["max |Δ log-odds|"] == report.agreement["similar_ticket"]["max |Δ log-odds|"]
+    )
+    with pytest.raises(ValueError, match="gives no query an 'instruction'"):
+        compare_instructions(reranker, _shipped("hotline_eval.jsonl", 2), ["data", None], first_stage="none")
+    (tmp_path / "bad.jsonl").write_text(
+        '{"query": "q", "positives": ["x"], "instruction": 3}\n', encoding="utf-8"
+    )
+    with pytest.raises(ValueError, match=r"line 1: 'instruction' must be a non-empty string"):
+        load_jsonl(tmp_path / "bad.jsonl")

@@ -106,6 +106,30 @@ async def test_async_retriever_equals_sync(base_retriever, compressor):
     assert await retriever.ainvoke(QUERY) == retriever.invoke(QUERY)
 
 
+def test_an_overloaded_service_keeps_the_retrievers_order(reranker, base_retriever, caplog):
+    """on_overload="keep_order" in a real retriever: a service too slow for the timeout, over real HTTP."""
+    from helpers import Front, live_server
+    from qwen3_rerank_plugins.client import RerankServiceError
+    from qwen3_rerank_plugins.server import create_app
+
+    retrieved = base_retriever.invoke(QUERY)
+    with live_server(Front(create_app(reranker), delay=2.0)) as url:
+        kind = Qwen3RerankCompressor(base_url=url, top_n=3, timeout=0.5, on_overload="keep_order")
+        retriever = ContextualCompressionRetriever(base_compressor=kind, base_retriever=base_retriever)
+        with caplog.at_level("WARNING", logger="qwen3_rerank_plugins"):
+            docs = retriever.invoke(QUERY)
+        assert [d.id for d in docs] == [d.id for d in retrieved[:3]]
+        for doc, original in zip(docs, retrieved, strict=False):
+            assert doc.metadata == {**original.metadata, "reranked": False}
+            assert "reranked" not in original.metadata  # copies, inputs untouched
+        assert "keeping the retriever's order of 6 items, cut to top_n=3" in caplog.text
+        assert [d.id for d in asyncio.run(retriever.ainvoke(QUERY))] == [d.id for d in retrieved[:3]]
+        strict = Qwen3RerankCompressor(base_url=url, top_n=3, timeout=0.5)
+        with pytest.raises(RerankServiceError, match="did not answer") as info:
+            retriever.model_copy(update={"base_compressor": strict}).invoke(QUERY)
+        assert info.value.overloaded
+
+
 def test_default_top_n_is_three(reranker, base_retriever):
     compressor = Qwen3RerankCompressor(reranker=reranker)
     assert compressor.top_n == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import math
@@ -170,6 +171,33 @@ def test_query_engine_order_and_scores_match_engine(reranker, index, retrieved):
     # The answering LLM got the reranked nodes, best first (MockLLM echoes its prompt).
     positions = [str(response).index(text) for _, text, _, _ in sorted(FAQ, key=lambda f: ids.index(f[0]))]
     assert positions == sorted(positions)
+
+
+def test_overload_keeps_the_retrievers_order_in_a_query_engine(reranker, index, retrieved, caplog):
+    """on_overload="keep_order": the service answers 503 + Retry-After past the timeout (over real HTTP)."""
+    from helpers import Front, live_server
+    from qwen3_rerank_plugins.client import RerankServiceError
+    from qwen3_rerank_plugins.server import create_app
+
+    front = Front(create_app(reranker), failures=(503,) * 20, retry_after="30")
+    with live_server(front) as url:
+        kind = Qwen3Rerank(base_url=url, top_n=3, timeout=2.0, on_overload="keep_order")
+        with caplog.at_level("WARNING", logger="qwen3_rerank_plugins"):
+            response = _query_engine(index, kind).query(QUERY)
+        assert _ids(response.source_nodes) == _ids(retrieved)[:3]  # the retriever's order, cut to top_n
+        assert [n.score for n in response.source_nodes] == pytest.approx([n.score for n in retrieved[:3]])
+        for node in response.source_nodes:
+            assert node.node.metadata["reranked"] is False
+            assert "reranked" in node.node.excluded_llm_metadata_keys
+        assert "reranked" not in retrieved[0].node.metadata  # the index's nodes are untouched
+        assert "keeping the retriever's order of 7 items, cut to top_n=3" in caplog.text
+        asynced = asyncio.run(_query_engine(index, kind).aquery(QUERY))
+        assert _ids(asynced.source_nodes) == _ids(retrieved)[:3]
+        # The default raises, and the service was asked once per query (no wait past the timeout).
+        posts = len(front.posts)
+        with pytest.raises(RerankServiceError, match="past this call's timeout") as info:
+            _query_engine(index, Qwen3Rerank(base_url=url, top_n=3, timeout=2.0)).query(QUERY)
+        assert info.value.overloaded and len(front.posts) == posts + 1
 
 
 def test_top_n_and_instruction(reranker, index, retrieved):

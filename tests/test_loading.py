@@ -194,6 +194,6 @@ def test_resolve_dtype():
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype(torch.float16, cpu) == torch.float16
     with pytest.raises(ValueError, match="dtype must be"):
-        resolve_dtype("int8", cpu)
+        resolve_dtype("int4", cpu)
     with pytest.raises(ValueError, match="floating-point"):
         resolve_dtype(torch.int8, cpu)

@@ -136,3 +136,19 @@ def test_schemathesis_finds_nothing(served: tuple[ServerThread, str | None], tmp
     assert done.returncode == 0, output[-6000:]
     assert "Selected: 7/7" in output and "Tested: 7" in output, output[-3000:]
     assert " passed" in output and "failures" not in output.split("SUMMARY")[-1].lower(), output[-3000:]
+
+
+def test_each_model_is_defined_once_under_server() -> None:
+    """One contract: no request or response shape is described twice (say, a dataclass beside
+    a pydantic model of the same name)."""
+    import ast
+    from collections import Counter
+
+    import qwen3_rerank_plugins.server as server
+
+    names: Counter[str] = Counter()
+    for path in Path(server.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names.update(node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef))
+    assert names, "no classes found under server/"
+    assert [name for name, count in names.items() if count > 1] == []

@@ -9,8 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import importlib
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +51,9 @@ DOCS = [
 ]
 DEPLOY_TIMEOUT_S = 240
 TOL = 1e-6
+# Limits of the module's Ray application, small enough for the tests to pass them.
+BODY_TIMEOUT_S = 3.0
+MAX_REQUEST_TOKENS = 4000
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,13 @@ def ray_url(tiny_model_dir: Path) -> Iterator[str]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     app = build_app(
-        str(tiny_model_dir), replicas=2, num_cpus_per_replica=0.5, num_gpus_per_replica=0, device="cpu"
+        str(tiny_model_dir),
+        replicas=2,
+        num_cpus_per_replica=0.5,
+        num_gpus_per_replica=0,
+        device="cpu",
+        body_timeout=BODY_TIMEOUT_S,
+        max_request_tokens=MAX_REQUEST_TOKENS,
     )
 
     def deploy() -> None:
@@ -238,6 +250,51 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(ray_url: str) -> Non
         ok = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1})
         assert ok.status_code == 200 and len(ok.json()["results"]) == 1
         assert http.get("/v1/models").json()["data"][0]["id"]
+
+
+def test_ray_answers_metrics_a_stalled_upload_and_an_over_budget_request(
+    ray_url: str, reranker: Reranker
+) -> None:
+    """The replicas run the plain service's app: its metrics, body timeout and token budget."""
+    with httpx.Client(base_url=ray_url, timeout=60) as http:
+        assert http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert "text/plain" in metrics.headers["content-type"]
+        assert "qwen3_rerank_model_loaded 1.0" in metrics.text
+        assert "qwen3_rerank_requests_total" in metrics.text
+
+        long_docs = [DOCS[0] * 8] * 40
+        tokens = reranker.count_tokens(QUERY, long_docs)
+        assert tokens > MAX_REQUEST_TOKENS  # what the replica will count
+        over = http.post("/v1/rerank", json={"query": QUERY, "documents": long_docs})
+        assert over.status_code == 413, over.text
+        error = over.json()["error"]
+        assert (error["type"], error["param"]) == ("too_many_tokens", "documents")
+        assert f"at most {MAX_REQUEST_TOKENS} per request" in error["message"]
+
+    host, port = ray_url.removeprefix("http://").split(":")
+    body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
+    head = (
+        "POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=BODY_TIMEOUT_S + 60) as sock:
+        sock.sendall(head + body[:10])  # then nothing more
+        start = time.monotonic()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before a response: {data!r}"
+            data += chunk
+        waited = time.monotonic() - start
+        head_part, answer = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head_part).group(1))
+        while len(answer) < length and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert head_part.split()[1] == b"408", data
+    assert json.loads(answer)["error"]["type"] == "body_timeout"
+    assert BODY_TIMEOUT_S - 0.5 <= waited < BODY_TIMEOUT_S + 30
 
 
 # -- without a cluster --------------------------------------------------------------------------

@@ -390,3 +390,102 @@ def test_readme_scaling_out_snippet_runs(url: str, capsys: pytest.CaptureFixture
     exec(compile(code.replace("http://rerank:8000", url), "README.md", "exec"), {})
     index, score, band = capsys.readouterr().out.split()
     assert index in {"0", "1"} and 0.0 <= float(score) <= 1.0 and band in {"high", "medium", "low"}
+
+
+# -- every per-request option the service accepts ----------------------------------------------
+
+LONG_POLICY = (
+    "会员积分规则："
+    + "积分有效期为一年，过期自动清零，不可转让。" * 40
+    + "兑换方法：在积分商城用积分兑换优惠券。"
+)
+
+
+def test_token_caps_reach_the_service(url: str, reranker: Reranker) -> None:
+    """`max_doc_tokens` / `max_query_tokens` are sent (max_tokens_per_doc / _per_query) and honoured."""
+    texts = [LONG_POLICY, *TEXTS[:3]]
+    capped = reranker.with_settings(max_doc_tokens=4)
+    with RemoteReranker(url, retry=FAST, max_doc_tokens=4) as remote:
+        got = remote.score(QUERY, texts, return_logits=True)
+        assert got == pytest.approx(capped.score(QUERY, texts, return_logits=True), abs=1e-4)
+        # The cap changed what the model read: the uncapped scores differ.
+        assert got != pytest.approx(reranker.score(QUERY, texts, return_logits=True), abs=1e-3)
+        both = remote.with_settings(max_query_tokens=6)
+        assert both._conn is remote._conn
+        assert both.score(QUERY, texts) == pytest.approx(
+            reranker.with_settings(max_doc_tokens=4, max_query_tokens=6).score(QUERY, texts), abs=TOL
+        )
+    # A ScoreGroup's own caps win over the reranker's.
+    from qwen3_rerank_plugins import ScoreGroup
+
+    with RemoteReranker(url, retry=FAST) as remote:
+        (scored,) = remote.score_groups([ScoreGroup(QUERY, texts, max_doc_tokens=4)])
+        assert scored.logits == pytest.approx(capped.score(QUERY, texts, return_logits=True), abs=1e-4)
+
+
+def test_long_document_windows_and_spans_over_http(reranker: Reranker) -> None:
+    """`long_documents` / `max_windows` are sent as max_chunks_per_doc; the best window's span comes back."""
+    served = reranker.with_settings(max_length=200)
+    local = served.with_settings(long_documents=True, max_windows=8)
+    docs = [LONG_POLICY, TEXTS[0]]
+    with (
+        live_server(create_app(served)) as base_url,
+        RemoteReranker(base_url, retry=FAST, long_documents=True, max_windows=8) as remote,
+    ):
+        got, expected = remote.rerank(QUERY, docs), local.rerank(QUERY, docs)
+        assert [(r.index, r.span) for r in got] == [(r.index, r.span) for r in expected]
+        assert any(r.span is not None for r in got)
+        assert [r.logit for r in got] == pytest.approx([r.logit for r in expected], abs=1e-4)
+
+
+def test_log_odds_are_the_services_raw_scores(url: str, reranker: Reranker) -> None:
+    """raw_scores: logits that saturate as probabilities still come back finite and exact."""
+    with RemoteReranker(url, retry=FAST) as remote:
+        request = remote._request(remote._group(QUERY, TEXTS, None))
+        assert request["raw_scores"] is True
+        assert remote.score(QUERY, TEXTS, return_logits=True) == pytest.approx(
+            reranker.score(QUERY, TEXTS, return_logits=True), abs=1e-5
+        )
+    with pytest.raises(ValueError, match="cannot be sent to vLLM"):
+        RemoteReranker(url, prompt_format="vllm", max_doc_tokens=8)
+
+
+# -- overload: a timeout and on_overload --------------------------------------------------------
+
+
+def test_overload_raises_by_default_and_keep_order_keeps_the_input_order(
+    reranker: Reranker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service answering 503 + Retry-After (its --max-queue refusal) beyond the call's timeout."""
+    app = create_app(reranker)
+    front = Front(app, failures=(503,) * 50, retry_after="5")
+    with live_server(front) as base_url:
+        with RemoteReranker(base_url, retry=FAST, timeout=1.0) as strict:
+            with pytest.raises(RerankServiceError, match="past this call's timeout of 1 s") as info:
+                strict.rerank(QUERY, TICKETS, top_n=3)
+            assert info.value.overloaded and info.value.status_code == 503
+        assert len(front.posts) == 1  # a Retry-After past the timeout is not waited for
+
+        with RemoteReranker(base_url, retry=FAST, timeout=1.0, on_overload="keep_order") as kind:
+            with caplog.at_level("WARNING", logger="qwen3_rerank_plugins.remote"):
+                kept = kind.rerank(QUERY, TICKETS, top_n=3)
+            assert [r.index for r in kept] == [0, 1, 2]
+            assert all(not r.reranked and math.isnan(r.score) for r in kept)
+            assert [r.id for r in kept] == [t["id"] for t in TICKETS[:3]]
+            assert "overloaded" in caplog.text and "keeping the input order" in caplog.text
+            kept_async = asyncio.run(kind.arerank(QUERY, TICKETS))
+            assert [r.index for r in kept_async] == list(range(len(TICKETS)))
+            # Only overload keeps the order: a refused request still raises.
+            front.failures.clear()
+            with pytest.raises(RerankServiceError) as bad:
+                kind.rerank("   ", TICKETS)
+            assert bad.value.status_code == 422 and not bad.value.overloaded
+
+
+def test_retry_after_within_the_timeout_is_honoured(reranker: Reranker) -> None:
+    front = Front(create_app(reranker), failures=(503,), retry_after="1")
+    with live_server(front) as base_url, RemoteReranker(base_url, retry=FAST, timeout=5.0) as remote:
+        got = remote.rerank(QUERY, TICKETS)
+    (first, _, _), (second, _, _) = front.posts
+    assert second - first >= 0.9
+    _same_results(got, reranker.rerank(QUERY, TICKETS))

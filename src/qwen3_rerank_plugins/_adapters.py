@@ -4,35 +4,49 @@ The LlamaIndex postprocessor and the LangChain compressor / cross-encoder are py
 that inherit :class:`EngineSettings`. It turns their ``model`` / ``device`` / ``dtype`` /
 ``source`` fields into an engine from :func:`~qwen3_rerank_plugins.get_reranker` (so adapters
 with equal model arguments share one loaded model), or takes an existing engine as
-``reranker=``. No framework is imported here.
+``reranker=``. No framework is imported here, and no torch: an adapter with ``base_url=`` runs
+in a thin client process without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .protocol import Scorer
 from .registry import get_reranker, loaded_with
-from .results import FallbackRerank, RerankResult
+from .results import FallbackRerank, RerankResult, ranked_order
+from .server_defaults import api_key_from_env
+from .settings import DEFAULT_MODEL
 from .templates import InstructionTemplate, resolve_instruction
 
-__all__ = ["DEFAULT_MODEL", "LOAD_FIELDS", "SPAN_KEY", "EngineSettings", "FallbackSetting", "span_metadata"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LOAD_FIELDS",
+    "RERANKED_KEY",
+    "SPAN_KEY",
+    "EngineSettings",
+    "FallbackSetting",
+    "span_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 #: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
 LOAD_FIELDS = ("model", "device", "dtype", "source")
 # Fields that are engine settings: applied over the engine with ``with_settings``.
 _ENGINE_OVERRIDES = ("max_length", "batch_tokens", "long_documents", "max_doc_tokens", "max_query_tokens")
+# Of those, the ones a remote service takes per request (the others belong to the server's model).
+_REMOTE_OVERRIDES = ("long_documents", "max_doc_tokens", "max_query_tokens")
 #: Metadata key of the ``{"start", "end"}`` span of a long document's best window.
 SPAN_KEY = "match_span"
+#: Metadata key set to ``False`` on what ``on_overload="keep_order"`` returned unreranked.
+RERANKED_KEY = "reranked"
 
 
 class EngineSettings(BaseModel):
@@ -82,6 +96,9 @@ class EngineSettings(BaseModel):
     max_query_tokens: int | None = Field(default=None, gt=0)
     """Cut the query to this many tokens, keeping room for the document (``None``: a query that
     leaves no room for any document is an error)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one call to the ``base_url`` service may take, retries and ``Retry-After`` waits
+    included (``None``: the client's 60 s). Only with ``base_url``."""
 
     _engine: Scorer = PrivateAttr()
 
@@ -93,6 +110,9 @@ class EngineSettings(BaseModel):
     @field_validator("device", "dtype", mode="before")
     @classmethod
     def _torch_to_str(cls, value: Any) -> Any:
+        torch = sys.modules.get("torch")  # a torch object exists only once torch is loaded
+        if torch is None:
+            return value
         if isinstance(value, torch.device):
             return str(value)
         if isinstance(value, torch.dtype):
@@ -108,21 +128,24 @@ class EngineSettings(BaseModel):
     @model_validator(mode="after")
     def _attach_engine(self) -> EngineSettings:
         overrides = {
-            name: getattr(self, name)
-            for name in _ENGINE_OVERRIDES
-            if getattr(self, name) is not None
+            name: getattr(self, name) for name in _ENGINE_OVERRIDES if getattr(self, name) is not None
         }
+        if self.base_url is None and self.timeout is not None:
+            raise ValueError("timeout= applies to a base_url= service (a reranker= has its own timeout)")
         if self.base_url is not None:
+            server_side = {"reranker", *(n for n in overrides if n not in _REMOTE_OVERRIDES)}
             clashing = sorted(
-                {"reranker", *overrides} & {n for n in self.model_fields_set if getattr(self, n) is not None}
+                server_side & {n for n in self.model_fields_set if getattr(self, n) is not None}
             )
             if clashing:
                 raise ValueError(
                     f"base_url= scores on a remote service; {', '.join(clashing)}= cannot apply to it "
                     "(set the model's settings where the service runs)"
                 )
-            api_key = self.api_key or os.environ.get("QWEN3_RERANK_API_KEY") or None
-            self._engine = get_reranker(base_url=self.base_url, api_key=api_key)
+            api_key = self.api_key or api_key_from_env()
+            remote = get_reranker(base_url=self.base_url, api_key=api_key, timeout=self.timeout)
+            # The caps a service takes per request ride on each request.
+            self._engine = remote.with_settings(**overrides) if overrides else remote
         elif self.reranker is not None:
             clashing = sorted(set(LOAD_FIELDS) & self.model_fields_set)
             if clashing:
@@ -203,6 +226,11 @@ class FallbackSetting(EngineSettings):
     """When the best score is in the low band, rewrite the query more generally and rerank
     again, keeping the better attempt: ``True`` uses the rule-based
     :func:`~qwen3_rerank_plugins.fallback.generalize`, or pass any ``str -> str`` callable."""
+    on_overload: Literal["raise", "keep_order"] = "raise"
+    """What to do when a remote service is overloaded (503 or 429 past the retries, or no answer
+    within ``timeout``): ``"raise"`` the error, or ``"keep_order"``: return the retrieved items
+    in their input order, cut to ``top_n``, marked ``metadata["reranked"] = False``, and log a
+    WARNING, so a chatbot keeps answering with the retriever's order."""
 
     def saved_fields(self) -> dict[str, Any]:
         """As :meth:`EngineSettings.saved_fields`, plus ``fallback=True`` when it is set.
@@ -222,20 +250,48 @@ class FallbackSetting(EngineSettings):
     def _rerank(
         self, query: str, texts: list[str], **kwargs: Any
     ) -> tuple[list[RerankResult], FallbackRerank | None]:
-        if not self.fallback:
-            return self._engine.rerank(query, texts, **kwargs), None
-        outcome = self._engine.rerank_with_fallback(query, texts, generalize=self._generalizer(), **kwargs)
+        """Results best first (or, on overload with ``keep_order``, unreranked in input order)."""
+        try:
+            if not self.fallback:
+                return self._engine.rerank(query, texts, **kwargs), None
+            outcome = self._engine.rerank_with_fallback(
+                query, texts, generalize=self._generalizer(), **kwargs
+            )
+        except RuntimeError as exc:
+            return self._kept_order(exc, texts, kwargs.get("top_n")), None
         return list(outcome.results), outcome
 
     async def _arerank(
         self, query: str, texts: list[str], **kwargs: Any
     ) -> tuple[list[RerankResult], FallbackRerank | None]:
-        if not self.fallback:
-            return await self._engine.arerank(query, texts, **kwargs), None
-        outcome = await self._engine.arerank_with_fallback(
-            query, texts, generalize=self._generalizer(), **kwargs
-        )
+        try:
+            if not self.fallback:
+                return await self._engine.arerank(query, texts, **kwargs), None
+            outcome = await self._engine.arerank_with_fallback(
+                query, texts, generalize=self._generalizer(), **kwargs
+            )
+        except RuntimeError as exc:
+            return self._kept_order(exc, texts, kwargs.get("top_n")), None
         return list(outcome.results), outcome
+
+    def _kept_order(self, exc: RuntimeError, texts: list[str], top_n: int | None) -> list[RerankResult]:
+        """The items unreranked in input order, cut to ``top_n``, for an overloaded service.
+
+        Re-raises ``exc`` unless ``on_overload="keep_order"`` and the error says the service is
+        overloaded (:class:`~qwen3_rerank_plugins.client.RerankServiceError` ``.overloaded``).
+        """
+        if self.on_overload != "keep_order" or not getattr(exc, "overloaded", False):
+            raise exc
+        logger.warning(
+            "%s: the rerank service is overloaded (%s); keeping the retriever's order of %d items%s",
+            type(self).__name__,
+            exc,
+            len(texts),
+            "" if top_n is None else f", cut to top_n={top_n}",
+        )
+        keep = ranked_order([0.0] * len(texts), top_n)  # input order, cut as a ranking is
+        nan = float("nan")
+        return [RerankResult(index=i, score=nan, logit=nan, document=texts[i], reranked=False) for i in keep]
 
 
 def span_metadata(result: RerankResult) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,15 @@ import torch
 from .protocol import ScoringStopped, StopCheck
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "Row", "ScoringModel", "plan_batches", "plan_waves", "score_rows"]
+__all__ = [
+    "DEFAULT_BATCH_TOKENS",
+    "Row",
+    "ScoringModel",
+    "plan_batches",
+    "plan_waves",
+    "quantize_int8",
+    "score_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +324,8 @@ class ScoringModel:
         self.can_mix_prefixes = attn in ("sdpa", "eager")
         self.mask_keys = sorted(set(getattr(self.config, "layer_types", None) or ["full_attention"]))
         self.lock = threading.Lock()
+        #: ``"int8"`` once :func:`quantize_int8` has quantized the backbone's linear layers.
+        self.quantization: str | None = None
         #: What loaded these weights (set by the registry; ``None`` for a model built by hand).
         self.origin: Any = None
         self._check_plain_text()
@@ -413,6 +424,57 @@ class ScoringModel:
         for row, seq in enumerate(sequences):
             batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return batch.to(self.device, non_blocking=True)
+
+
+def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
+    """Quantize the backbone's linear layers to int8, in place (CPU only).
+
+    PyTorch's own dynamic int8 linear (fbgemm / oneDNN kernels): weights int8 per output channel,
+    activations quantized per call, accumulation in int32, output float32. Everything else is
+    unchanged: embeddings, norms and attention stay float32, and so does the two-row head (it was
+    taken from the LM head, which is not part of the backbone), so prefix reuse, cross-query
+    batching and the template work as before. Chosen over torchao's ``quantize_`` after measuring
+    both on this project's engine: torchao's int8 dynamic path ran 4x slower than float32 without
+    ``torch.compile`` (benchmarks/RESULTS-precision.md).
+
+    Args:
+        model: A float32 model on CPU.
+        vnni: Whether the CPU has int8 dot-product instructions (VNNI/AMX); without them the
+            activations use 7 bits so AVX2's 16-bit intermediate sums cannot saturate.
+
+    Raises:
+        ValueError: The model is not float32 on CPU.
+        RuntimeError: This torch has no dynamic int8 linear.
+    """
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        raise ValueError(
+            f"int8 quantization needs float32 weights on CPU, got {model.dtype} on {model.device}"
+        )
+    if model.quantization is not None:
+        return
+    try:
+        from torch.ao.quantization import QConfig, quantize_dynamic
+        from torch.ao.quantization.observer import PerChannelMinMaxObserver, PlaceholderObserver
+    except ImportError as exc:  # pragma: no cover - torch builds without torch.ao
+        raise RuntimeError(
+            f"dtype='int8' needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+            "lacks; use dtype='float32'"
+        ) from exc
+    qmax = 255 if vnni else 127
+    qconfig = QConfig(
+        activation=PlaceholderObserver.with_args(
+            dtype=torch.quint8, quant_min=0, quant_max=qmax, is_dynamic=True
+        ),
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )
+    with warnings.catch_warnings():
+        # torch.ao's eager quantization announces its move to torchao; its kernels are still torch's.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        with torch.no_grad():
+            quantize_dynamic(model.backbone, {torch.nn.Linear: qconfig}, inplace=True)
+    model.quantization = "int8"
+    logger.info("%s: linear layers quantized to int8 (dynamic, per-channel weights)", model.name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,15 +3,22 @@
 Commands:
 
 * ``rank``: rank documents (one per line, from a file or stdin) for a query; table or JSON.
-* ``batch``: rank many queries (JSONL records from a file or stdin), one JSONL ranking per record.
+* ``batch``: rank many queries (JSONL records from a file or stdin), one JSONL ranking per record
+  (the job is :func:`qwen3_rerank_plugins.batch.rank_jsonl`, callable from Python).
 * ``serve``: the HTTP rerank service (extra ``[server]``).
 * ``ui``: the web page (extra ``[ui]``).
 * ``templates``: list the named instruction templates.
-* ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking
+* ``evaluate``: hit@k, MRR@10 and nDCG@10 before and after reranking, or several instructions,
+  dtypes or models compared with bootstrap intervals
   (:mod:`qwen3_rerank_plugins.evaluate` holds the evaluation itself).
+* ``check``: a ``/v1/rerank`` server against the exact recipe (:mod:`qwen3_rerank_plugins.check`).
 
-The option groups several commands share (model, confidence bands, logging) are built once as
-parent parsers; each command adds only its own options.
+This module only parses and dispatches: each command is an ``_add_<name>(subparsers, shared)``
+function listed in :data:`COMMANDS` (add a command by adding one there) whose ``func`` calls
+library functions a Python user can call too; logging setup and the model-not-found advice live
+in :mod:`qwen3_rerank_plugins.console`. The option groups several commands share (model,
+confidence bands, logging) are built once as parent parsers; each command adds only its own
+options.
 
 Errors end the command with ``error: <one line>`` on stderr and exit status 1 (2 for usage
 errors, 130 when interrupted, 141 when the reader of stdout went away); a model that cannot be
@@ -25,22 +32,23 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shlex
 import socket
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
+from .batch import DEFAULT_CHUNK_PAIRS
 from .cache import DEFAULT_CACHE_TTL_S
+from .console import command_logging, model_not_found_advice, one_line
 from .evaluate import FIRST_STAGES
-from .results import ConfidenceBands, rank_results
+from .results import ConfidenceBands
 from .server_defaults import (
+    API_KEY_ENV,
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CACHE_SIZE,
@@ -51,9 +59,11 @@ from .server_defaults import (
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_REQUEST_TOKENS,
+    DEFAULT_MODEL,
     DEFAULT_PORT,
-    DEFAULT_RAY_MAX_BATCH_SIZE,
     DEFAULT_UI_PORT,
+    ServiceConfig,
+    api_key_from_env,
 )
 from .settings import DEFAULT_MAX_LENGTH
 from .sources import ModelSourceError
@@ -63,10 +73,6 @@ __all__ = ["DEFAULT_MODEL", "CommandError", "add_model_arguments", "build_parser
 
 logger = logging.getLogger("qwen3_rerank_plugins.cli")
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
-API_KEY_ENV = "QWEN3_RERANK_API_KEY"
-#: Pairs the ``batch`` command scores in one engine call (records are never split).
-DEFAULT_CHUNK_PAIRS = 512
 _DEMO_WARNING = (
     "Using the local demo model with RANDOM weights: the pipeline is real, the scores are meaningless. "
     "Pass --model for real scores."
@@ -107,7 +113,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
     )
-    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or int8 (CPU)")
     group.add_argument(
         "--source",
         default="auto",
@@ -333,189 +339,22 @@ def _terminal_width() -> int:
 
 # -- batch ---------------------------------------------------------------------------------------
 
-_RECORD_FIELDS = frozenset({"id", "query", "documents", "candidates", "instruction", "top_n"})
 
-
-class _BadRecord(ValueError):
-    """An input line that is not a batch record; the message says what is wrong with it."""
-
-
-@dataclass(frozen=True)
-class _BatchRecord:
-    line: int
-    id: str | int | None
-    query: str
-    documents: list[Any]
-    texts: list[str]
-    instruction: str | None
-    top_n: int | None
-
-    @property
-    def key(self) -> tuple[str, Any]:
-        """What a resumed run matches finished records by: the id, else the line number."""
-        return ("id", self.id) if self.id is not None else ("line", self.line)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def _parse_record(line: int, text: str, checked_instructions: set[str]) -> _BatchRecord:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _BadRecord(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise _BadRecord(f"expected a JSON object, got {_json_type(record)}")
-    unknown = sorted(set(record) - _RECORD_FIELDS)
-    if unknown:
-        raise _BadRecord(
-            f"unknown field {unknown[0]!r}"
-            " (a record has query, documents or candidates, id, instruction, top_n)"
-        )
-    rid = record.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise _BadRecord(f"'id' must be a string or an integer, got {_json_type(rid)}")
-    query = record.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise _BadRecord("'query' must be a non-empty string" if "query" in record else "no 'query'")
-    if "documents" in record and "candidates" in record:
-        raise _BadRecord("give 'documents' or 'candidates', not both")
-    key = "candidates" if "candidates" in record else "documents"
-    if key not in record:
-        raise _BadRecord("no 'documents' (or 'candidates'): a list of strings or {\"text\": ...} objects")
-    docs = record[key]
-    if not isinstance(docs, list) or not docs:
-        raise _BadRecord(f"'{key}' must be a non-empty list of strings or {{\"text\": ...}} objects")
-    texts = []
-    for i, doc in enumerate(docs):
-        doc_text = doc.get("text") if isinstance(doc, dict) else doc
-        if not isinstance(doc_text, str):
-            raise _BadRecord(f"'{key}[{i}]' must be a string or an object with a string 'text'")
-        texts.append(doc_text)
-    instruction = record.get("instruction")
-    if instruction is not None:
-        if not isinstance(instruction, str):
-            raise _BadRecord(f"'instruction' must be a string, got {_json_type(instruction)}")
-        if instruction not in checked_instructions:  # checked, and any typo warning logged, once
-            try:
-                resolve_instruction(instruction)
-            except ValueError as exc:
-                raise _BadRecord(f"'instruction': {exc}") from None
-            checked_instructions.add(instruction)
-    top_n = record.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0):
-        raise _BadRecord(f"'top_n' must be a positive integer, got {json.dumps(top_n)}")
-    return _BatchRecord(line, rid, query, docs, texts, instruction, top_n)
-
-
-def _finished_records(path: Path) -> set[tuple[str, Any]]:
-    """Keys of the records a previous run wrote to ``path``; a half-written last line is cut off."""
-    done: set[tuple[str, Any]] = set()
-    if not path.is_file():
-        return done
-    end = 0
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.endswith(b"\n"):
-                logger.warning("%s: line %d was left half-written; it is dropped and redone", path, number)
-                break
-            try:
-                row = json.loads(raw)
-                key = ("id", row["id"]) if row["id"] is not None else ("line", int(row["line"]))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CommandError(
-                    f"--resume: {path} line {number} is not a ranking written by 'qwen3-rerank batch' ({exc})"
-                ) from exc
-            done.add(key)
-            end += len(raw)
-    if end < path.stat().st_size:
-        with path.open("rb+") as fh:
-            fh.truncate(end)
-    return done
-
-
-def _open_batch_input(source: str | None) -> tuple[IO[str], str]:
-    if source is None or source == "-":
-        if source is None and (sys.stdin is None or sys.stdin.isatty()):
+def _batch_source(path: str | None) -> tuple[Any, str]:
+    """The input of ``batch``: a checked file path, or stdin when piped."""
+    if path is None or path == "-":
+        if path is None and (sys.stdin is None or sys.stdin.isatty()):
             raise CommandError("no input: pass a JSONL file or pipe records on stdin")
         return sys.stdin, "stdin"
-    try:
-        return open(source, encoding="utf-8"), source  # the caller closes it
-    except FileNotFoundError as exc:
-        raise CommandError(f"input file not found: {source}") from exc
-    except IsADirectoryError as exc:
-        raise CommandError(f"input file is a directory: {source}") from exc
-
-
-def _count_records(path: str) -> int | None:
-    try:
-        with open(path, "rb") as fh:
-            return sum(1 for raw in fh if raw.strip())
-    except OSError:
-        return None
-
-
-def _score_records(reranker: Any, chunk: list[_BatchRecord], instruction: str | None) -> list[list[float]]:
-    """Log-odds of every record's documents, the whole chunk in one engine call.
-
-    The documents of many records (many queries) go to the engine together, so it batches
-    across queries, encoding each query's prefix once.
-    """
-    score_groups = getattr(reranker, "score_groups", None)
-    if score_groups is not None:
-        from .protocol import ScoreGroup
-
-        texts: dict[str, str] = {}  # each distinct instruction resolved once
-        groups = []
-        for r in chunk:
-            name = r.instruction or instruction
-            if name is not None and name not in texts:
-                texts[name] = resolve_instruction(name)
-            groups.append(ScoreGroup(r.query, r.texts, None if name is None else texts[name]))
-        return [list(scores.logits) for scores in score_groups(groups, show_progress=False)]
-    # A scorer without the group primitive: one score_pairs call per instruction in the chunk.
-    by_instruction: dict[str | None, list[int]] = {}
-    for k, record in enumerate(chunk):
-        by_instruction.setdefault(record.instruction or instruction, []).append(k)
-    logits: list[list[float]] = [[] for _ in chunk]
-    for instr, members in by_instruction.items():
-        pairs = [(chunk[k].query, text) for k in members for text in chunk[k].texts]
-        flat = reranker.score_pairs(pairs, instr, return_logits=True, show_progress=False)
-        start = 0
-        for k in members:
-            logits[k] = flat[start : start + len(chunk[k].texts)]
-            start += len(chunk[k].texts)
-    return logits
-
-
-def _ranking_line(
-    record: _BatchRecord, logits: list[float], bands: ConfidenceBands, top_n: int | None
-) -> str:
-    results = []
-    for r in rank_results(logits, record.documents, bands=bands, top_n=record.top_n or top_n):
-        item: dict[str, Any] = {"index": r.index}
-        if isinstance(r.document, dict) and "id" in r.document:
-            item["id"] = r.document["id"]
-        item["score"] = r.score
-        item["band"] = r.band
-        results.append(item)
-    return json.dumps({"id": record.id, "line": record.line, "results": results}, ensure_ascii=False)
-
-
-def _numbered_lines(source: IO[str], where: str) -> Iterator[tuple[int, str]]:
-    number = 0
-    try:
-        for number, text in enumerate(source, start=1):
-            yield number, text
-    except UnicodeDecodeError as exc:
-        raise CommandError(f"{where} is not UTF-8 text (after line {number}): {exc.reason}") from exc
+    if not os.path.exists(path):
+        raise CommandError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise CommandError(f"input file is a directory: {path}")
+    return path, path
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from .batch import BatchError, finished_records, rank_jsonl
 
     if args.resume and args.output is None:
         raise CommandError("--resume needs --output FILE: the file to continue")
@@ -524,107 +363,32 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise CommandError("--output must not be the input file")
     _check_options(args)
     bands = _bands(args)
-    source, where = _open_batch_input(args.input)
-    out: IO[str] | None = None
-    try:
-        done = _finished_records(Path(args.output)) if args.resume else set()
-        show = args.progress if args.progress is not None else not args.quiet and sys.stderr.isatty()
-        total = _count_records(args.input) if show and where != "stdin" else None
-        reranker = load_reranker(args, bands=bands)
-        if args.output is not None:
-            out = open(args.output, "a" if args.resume else "w", encoding="utf-8")  # noqa: SIM115
-        sink = out if out is not None else sys.stdout
-        stats = _BatchStats()
-        bar = tqdm(
-            total=total, unit="record", desc="Ranking", file=sys.stderr, disable=not show, dynamic_ncols=True
-        )
-        with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():
-            _run_batch(args, reranker, _numbered_lines(source, where), where, done, sink, bar, stats)
-    finally:
-        if source is not sys.stdin:
-            source.close()
-        if out is not None:
-            out.close()
-    logger.info(
-        "Ranked %d records (%d pairs) in %.1f s (%.0f pairs/s)%s",
-        stats.records,
-        stats.pairs,
-        stats.seconds,
-        stats.pairs / stats.seconds if stats.seconds > 0 else 0.0,
-        f"; {stats.skipped} were already in {args.output}" if args.resume else "",
+    source, where = _batch_source(args.input)
+    if args.resume:  # a file that is not this job's fails before the model loads
+        try:
+            finished_records(args.output)
+        except BatchError as exc:
+            raise CommandError(f"--resume: {exc}") from exc
+    show = args.progress if args.progress is not None else not args.quiet and sys.stderr.isatty()
+    reranker = load_reranker(args, bands=bands)
+    summary = rank_jsonl(
+        reranker,
+        source,
+        args.output if args.output is not None else sys.stdout,
+        instruction=args.instruction,
+        top_n=args.top_n,
+        chunk_pairs=args.chunk_pairs,
+        on_error=args.on_error,
+        resume=args.resume,
+        progress=show,
+        name=where,
     )
-    if stats.bad:
-        shown = ", ".join(map(str, stats.bad[:10])) + (", ..." if len(stats.bad) > 10 else "")
-        raise CommandError(f"{len(stats.bad)} bad record(s) skipped: {where} line {shown}")
-    if not (stats.records or stats.skipped):
+    if summary.bad:
+        shown = ", ".join(map(str, summary.bad[:10])) + (", ..." if len(summary.bad) > 10 else "")
+        raise CommandError(f"{len(summary.bad)} bad record(s) skipped: {where} line {shown}")
+    if not (summary.records or summary.skipped):
         raise CommandError(f"no records in {where}: expected one JSON object per line")
     return 0
-
-
-@dataclass
-class _BatchStats:
-    records: int = 0
-    pairs: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    bad: list[int] = field(default_factory=list)
-
-
-def _run_batch(
-    args: argparse.Namespace,
-    reranker: Any,
-    lines: Iterable[tuple[int, str]],
-    where: str,
-    done: set[tuple[str, Any]],
-    sink: IO[str],
-    bar: Any,
-    stats: _BatchStats,
-) -> None:
-    chunk: list[_BatchRecord] = []
-    pending_pairs = 0
-    checked_instructions: set[str] = set()
-
-    def flush() -> None:
-        nonlocal chunk, pending_pairs
-        if not chunk:
-            return
-        start = time.perf_counter()
-        logits = _score_records(reranker, chunk, args.instruction)
-        stats.seconds += time.perf_counter() - start
-        sink.write(
-            "".join(
-                _ranking_line(r, lg, reranker.bands, args.top_n) + "\n"
-                for r, lg in zip(chunk, logits, strict=True)
-            )
-        )
-        sink.flush()
-        stats.records += len(chunk)
-        stats.pairs += pending_pairs
-        bar.update(len(chunk))
-        chunk, pending_pairs = [], 0
-
-    for number, text in lines:
-        if not text.strip():
-            continue
-        try:
-            record = _parse_record(number, text, checked_instructions)
-        except _BadRecord as exc:
-            if args.on_error == "stop":
-                flush()
-                raise CommandError(f"{where} line {number}: {exc}") from None
-            logger.error("%s line %d: %s (skipped)", where, number, exc)
-            stats.bad.append(number)
-            bar.update(1)
-            continue
-        if record.key in done:
-            stats.skipped += 1
-            bar.update(1)
-            continue
-        chunk.append(record)
-        pending_pairs += len(record.texts)
-        if pending_pairs >= args.chunk_pairs:
-            flush()
-    flush()
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -634,12 +398,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     _check_options(args)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key.strip():
         raise CommandError("--api-key must not be empty")
-    bands = _bands(args)
+    config = _service_config(args)
     if args.ray:
-        return _serve_on_ray(args, api_key, bands)
+        return _serve_on_ray(args, config)
     ray_only = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
     if ray_only:
         raise CommandError(f"{', '.join(ray_only)} only apply with --ray")
@@ -650,36 +413,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Resolve the demo model before the server starts, so its warning comes first.
     model = _model_path(args)
 
-    try:
-        cache = _score_cache(args)  # a bad --cache-url fails now, not after the model loaded
-    except (ValueError, ImportError) as exc:
-        raise CommandError(str(exc)) from exc
-
     def factory() -> Any:
-        reranker = load_reranker(args, model=model, **settings)
-        return reranker if cache is None else reranker.with_cache(cache)
+        return load_reranker(args, model=model, **settings)
 
     logger.info(
         "Starting the rerank service on http://%s:%d (API key %s)",
         args.host,
         args.port,
-        "required" if api_key else "not required",
+        "required" if config.api_key else "not required",
     )
     try:
         serve(
             factory,
+            config,
             host=args.host,
             port=args.port,
-            api_key=api_key,
-            max_documents=args.max_documents,
-            max_body_bytes=args.max_body_bytes,
-            bands=bands,
-            batch_wait_ms=args.batch_wait_ms,
-            max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
-            max_queue=args.max_queue,
-            body_timeout=args.body_timeout or None,
-            max_request_tokens=args.max_request_tokens or None,
-            model_name=args.served_model_name,
             graceful_timeout=args.graceful_timeout,
             access_log=not args.no_access_log,
         )
@@ -691,30 +439,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_cache(args: argparse.Namespace) -> Any:
-    """The service's score cache from ``--cache-size``, ``--cache-url`` and ``--cache-ttl`` (or ``None``)."""
-    from .cache import ScoreCache
-
-    if not args.cache_size and args.cache_url is None:
-        return None
-    return ScoreCache(args.cache_size, url=args.cache_url, ttl=args.cache_ttl or None)
+def _service_config(args: argparse.Namespace) -> ServiceConfig:
+    """The one service configuration of ``serve`` (plain or ``--ray``), from its flags."""
+    try:
+        return ServiceConfig(
+            api_key=args.api_key if args.api_key is not None else api_key_from_env(),
+            max_documents=args.max_documents,
+            max_body_bytes=args.max_body_bytes,
+            body_timeout=args.body_timeout or None,
+            max_request_tokens=args.max_request_tokens or None,
+            bands=_bands(args),
+            batch_wait_ms=args.batch_wait_ms,
+            max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
+            max_queue=args.max_queue,
+            model_name=args.served_model_name,
+            cache_size=args.cache_size,
+            cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl or None,
+        )
+    except (ValueError, ImportError) as exc:  # ImportError: --cache-url without the [cache] extra
+        raise CommandError(str(exc)) from exc
 
 
 _RAY_OPTIONS = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "ray_address")
 
 
-def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: ConfidenceBands) -> int:
-    if args.max_batch_pairs is not None:
-        raise CommandError(
-            "--max-batch-pairs does not apply with --ray: Ray Serve merges whole requests"
-            f" (at most {DEFAULT_RAY_MAX_BATCH_SIZE} per model call)"
-        )
-    if args.body_timeout != DEFAULT_BODY_TIMEOUT_S or args.max_request_tokens != DEFAULT_MAX_REQUEST_TOKENS:
-        raise CommandError(
-            "--body-timeout and --max-request-tokens do not apply with --ray (the plain server's)"
-        )
-    if args.long_documents:
-        raise CommandError("--long-documents does not apply with --ray: send max_chunks_per_doc per request")
+def _serve_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:
     from .ray_serve import serve_ray
 
     replicas = args.replicas or 1
@@ -725,8 +475,11 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         "Starting the rerank service on Ray Serve at http://%s:%d (API key %s)",
         args.host,
         args.port,
-        "required" if api_key else "not required",
+        "required" if config.api_key else "not required",
     )
+    engine: dict[str, Any] = {"long_documents": True} if args.long_documents else {}
+    if args.instruction is not None:
+        engine["instruction"] = args.instruction
     serve_ray(
         os.fspath(model),
         host=args.host,
@@ -736,23 +489,15 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None, bands: Confiden
         max_replicas=args.max_replicas,
         num_cpus_per_replica=args.cpus_per_replica,
         num_gpus_per_replica=args.gpus_per_replica,
+        config=config,
         device=args.device,
         dtype=args.dtype,
         source=args.source,
         max_length=args.max_length,
-        instruction=args.instruction,
-        bands=(bands.high, bands.medium),
-        api_key=api_key,
-        max_documents=args.max_documents,
-        max_body_bytes=args.max_body_bytes,
-        batch_wait_ms=args.batch_wait_ms,
-        model_name=args.served_model_name,
-        cache_size=args.cache_size,
-        cache_url=args.cache_url,
-        cache_ttl=args.cache_ttl or None,
         max_queued_requests=args.max_queue,
         graceful_shutdown_timeout_s=args.graceful_timeout,
         access_log=not args.no_access_log,
+        **engine,
     )
     return 0
 
@@ -807,6 +552,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = load_dataset(args.data, args.split)
     except FileNotFoundError as exc:
         raise CommandError(str(exc).strip("'\"")) from exc
+    instructions = _evaluate_instructions(args, dataset)
+    if len(instructions) > 1 or "data" in instructions or args.compare_dtype or args.compare_model:
+        return _evaluate_comparison(args, dataset, instructions)
     reranker = load_reranker(args)
     report = evaluate(
         reranker,
@@ -814,7 +562,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         first_stage=args.first_stage,
         ks=args.k,
         candidates=args.candidates,
-        instruction=args.instruction,
+        instruction=instructions[0] if instructions else None,
         seed=args.seed,
         show_progress=args.progress,
     )
@@ -831,6 +579,81 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out = plot_report(report, args.plot, title=title)
         logger.info("Wrote the chart to %s", out)
     return 0
+
+
+def _evaluate_instructions(args: argparse.Namespace, dataset: Any) -> list[str | None]:
+    """The instructions ``-i`` (repeatable) and ``--instructions`` ask for, checked before loading."""
+    from .evaluate import ALL_INSTRUCTIONS, DATA_INSTRUCTION, DEFAULT_LABEL, instruction_arms
+
+    given: list[str | None] = list(args.instruction_list or [])
+    if args.instructions:
+        given += [part.strip() for part in args.instructions.split(",") if part.strip()]
+    has_own = any(q.instruction for q in dataset.queries)
+    for item in given:
+        if item == DATA_INSTRUCTION and not has_own:
+            raise CommandError(f"-i data: {dataset.name} gives no query an 'instruction'")
+        if item not in (None, ALL_INSTRUCTIONS, DEFAULT_LABEL, DATA_INSTRUCTION):
+            resolve_instruction(item)
+    given = [None if i == DEFAULT_LABEL else i for i in given]
+    return instruction_arms(given, data=has_own) if given else []
+
+
+def _evaluate_comparison(args: argparse.Namespace, dataset: Any, instructions: list[str | None]) -> int:
+    """Several instructions, dtypes or models on the same candidates, with bootstrap intervals."""
+    from .evaluate import Variant, compare, instruction_label, plot_comparison
+
+    scorers: list[tuple[str, Any]] = []
+    if args.compare_dtype:
+        base_dtype = args.dtype if args.dtype != "auto" else "float32"
+        scorers.append((base_dtype, load_reranker(argparse.Namespace(**{**vars(args), "dtype": base_dtype}))))
+        for dtype in args.compare_dtype:
+            scorers.append((dtype, load_reranker(argparse.Namespace(**{**vars(args), "dtype": dtype}))))
+    else:
+        reranker = load_reranker(args)
+        scorers.append((reranker.model_name, reranker))
+    for model in args.compare_model or []:
+        other = load_reranker(args, model=model)
+        scorers.append((Path(str(model)).name or other.model_name, other))
+    arms = []
+    for scorer_label, scorer in scorers:
+        for instruction in instructions or [None]:
+            if len(scorers) > 1 and len(instructions) > 1:
+                label = f"{scorer_label}/{instruction_label(instruction)}"
+            else:
+                label = scorer_label if len(scorers) > 1 else instruction_label(instruction)
+            arms.append(Variant(label, scorer, instruction))
+    report = compare(
+        arms,
+        dataset,
+        baseline=args.baseline,
+        first_stage=args.first_stage,
+        ks=args.k,
+        candidates=args.candidates,
+        seed=args.seed,
+        resamples=args.resamples,
+        bootstrap_seed=args.bootstrap_seed,
+        show_progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
+    else:
+        if args.demo:
+            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
+        print(report.format())
+    if args.plot:
+        title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: meaningless numbers" if args.demo else None
+        logger.info("Wrote the chart to %s", plot_comparison(report, args.plot, title=title))
+    return 0
+
+
+# -- check ------------------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    _check_options(args)
+    return run_check(args, load_reranker(args))
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -997,7 +820,7 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         "--max-batch-pairs",
         type=_positive_int,
         help=f"most (query, document) pairs merged into one model call (default: {DEFAULT_MAX_BATCH_PAIRS};"
-        " not with --ray)",
+        " per replica with --ray)",
     )
     p.add_argument(
         "--max-queue",
@@ -1010,14 +833,14 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         type=_non_negative_float,
         default=DEFAULT_BODY_TIMEOUT_S,
         help="seconds a request's body may take to arrive before a 408 (0: no limit;"
-        f" default: {DEFAULT_BODY_TIMEOUT_S:g}; not with --ray)",
+        f" default: {DEFAULT_BODY_TIMEOUT_S:g})",
     )
     p.add_argument(
         "--max-request-tokens",
         type=_non_negative_int,
         default=DEFAULT_MAX_REQUEST_TOKENS,
         help="most prompt tokens one request may make the model read, else 413 (0: no limit;"
-        f" default: {DEFAULT_MAX_REQUEST_TOKENS}; not with --ray)",
+        f" default: {DEFAULT_MAX_REQUEST_TOKENS})",
     )
     p.add_argument("--served-model-name", help="model name reported by the API (default: the model's)")
     p.add_argument(
@@ -1028,7 +851,7 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         f" (default: {DEFAULT_GRACEFUL_TIMEOUT_S:g})",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
-    cache = p.add_argument_group("score cache (repeated pairs are not scored again)")
+    cache = p.add_argument_group("score cache (repeated pairs are not scored again; also with --ray)")
     cache.add_argument(
         "--cache-size",
         type=_non_negative_int,
@@ -1114,13 +937,83 @@ def _add_evaluate(subparsers: Any, shared: _SharedOptions) -> None:
         default=50,
         help="BM25 candidates per query to rerank (default: 50)",
     )
-    p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
+    p.add_argument(
+        "--instruction",
+        "-i",
+        dest="instruction_list",
+        action="append",
+        help="template name (see 'qwen3-rerank templates'), free text, 'default' or 'data' (each query's "
+        "own 'instruction' from the data); repeat it to compare instructions on the same candidates",
+    )
+    _comparison_arguments(p)
     p.add_argument("--plot", metavar="OUT.png", help="write a before/after bar chart to this file")
     p.add_argument("--split", default="test", help="qrels split of a BEIR directory (default: test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random order for --first-stage none")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import BOOTSTRAP_RESAMPLES
+
+    group = parser.add_argument_group("comparison (paired bootstrap over queries)")
+    group.add_argument(
+        "--instructions",
+        metavar="all|NAME,...",
+        help="compare these instructions: 'all' (every template, the default and the data's own) "
+        "or comma-separated names",
+    )
+    group.add_argument(
+        "--baseline", help="label of the arm the others are compared with (default: the first)"
+    )
+    group.add_argument(
+        "--compare-dtype",
+        action="append",
+        metavar="DTYPE",
+        help="also score in this dtype and compare with float32 (or --dtype): metrics and rank agreement",
+    )
+    group.add_argument(
+        "--compare-model", action="append", metavar="ID_OR_DIR", help="also score with this model and compare"
+    )
+    group.add_argument(
+        "--resamples",
+        type=_positive_int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"bootstrap resamples (default: {BOOTSTRAP_RESAMPLES})",
+    )
+    group.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed (default: 0)")
+
+
+def _add_check(subparsers: Any, shared: _SharedOptions) -> None:
+    from .check import EXIT_MISMATCH, add_check_arguments
+
+    p = subparsers.add_parser(
+        "check",
+        parents=[shared.model, shared.logging],
+        help="check a /v1/rerank server against the exact recipe on the same weights",
+        description=(
+            "Send a fixed battery of cases to a server speaking /v1/rerank (this service, vLLM, llama.cpp, "
+            "Xinference, Infinity), score them with the local exact engine on the same weights (--model, "
+            "--max-length as the server's), report per case class the largest differences and the rank "
+            f"agreement, and name the likely cause. Exit status {EXIT_MISMATCH} beyond --tolerance."
+        ),
+        epilog="example: qwen3-rerank check http://127.0.0.1:8000 --model /models/Qwen3-Reranker-0.6B",
+    )
+    add_check_arguments(p)
+    p.set_defaults(func=_cmd_check)
+
+
+#: The subcommands, in help order: each adds its subparser and sets ``func``.
+COMMANDS: list[Callable[[Any, _SharedOptions], None]] = [
+    _add_rank,
+    _add_batch,
+    _add_serve,
+    _add_ui,
+    _add_templates,
+    _add_evaluate,
+    _add_check,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1133,7 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_arguments(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     shared = _SharedOptions.build()
-    for add in (_add_rank, _add_batch, _add_serve, _add_ui, _add_templates, _add_evaluate):
+    for add in COMMANDS:
         add(subparsers, shared)
     return parser
 
@@ -1146,113 +1039,6 @@ def _check_exclusive(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.exit(2, f"{prog}: error: {message} (see '{prog} --help')\n")
 
 
-_NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "transformers", "huggingface_hub", "modelscope")
-
-
-@contextlib.contextmanager
-def _command_logging(args: argparse.Namespace) -> Iterator[None]:
-    """Log to stderr at the level ``-v`` / ``--quiet`` ask for while the command runs.
-
-    What is changed (root handlers and levels, progress bars) is put back afterwards, so
-    :func:`main` can be called in-process (from tests or another program) any number of times.
-    """
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    noisy = {name: logging.getLogger(name) for name in _NOISY_LOGGERS}
-    saved_noisy = {name: lg.level for name, lg in noisy.items()}
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if not args.verbose:
-        for lg in noisy.values():
-            lg.setLevel(max(level, logging.WARNING))
-    restore_bars: Callable[[], None] | None = None
-    if args.quiet:
-        restore_bars = _hide_progress_bars()
-    try:
-        yield
-    finally:
-        handler.flush()
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        for name, lg in noisy.items():
-            lg.setLevel(saved_noisy[name])
-        if restore_bars is not None:
-            restore_bars()
-
-
-def _hide_progress_bars() -> Callable[[], None]:
-    """Hide download and weight-loading progress bars; returns how to show them again."""
-    from transformers.utils import logging as transformers_logging
-
-    saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    transformers_logging.disable_progress_bar()
-
-    def restore() -> None:
-        if saved_env is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
-
-    return restore
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-# -- a model that cannot be found: what to type instead -----------------------------------------------
-
-_MODEL_OPTIONS_WITH_VALUE = ("--model", "--source")
-
-
-def _without_model_options(argv: Sequence[str]) -> list[str]:
-    """``argv`` less ``--model X``, ``--source X`` and ``--demo`` (also in ``--opt=X`` form)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in _MODEL_OPTIONS_WITH_VALUE:
-            skip = True
-        elif arg == "--demo" or arg.startswith(tuple(f"{o}=" for o in _MODEL_OPTIONS_WITH_VALUE)):
-            continue
-        else:
-            out.append(arg)
-    return out
-
-
-def _model_source_message(exc: ModelSourceError, args: argparse.Namespace, argv: Sequence[str]) -> str:
-    """The error, then on separate lines the command lines that get past it, in shell syntax."""
-    text = str(exc).strip()
-    text = text.split("\nWhat to do:", 1)[0].rstrip()  # its advice speaks Python; ours follows
-    text = re.sub(r"\bsource='(\w+)'", r"--source \1", text)
-    model = getattr(args, "model", None) or DEFAULT_MODEL
-    base = ["qwen3-rerank", *_without_model_options(argv)]
-    choices = [
-        (["--demo"], "offline demo model: random weights, meaningless scores"),
-        (["--model", "DIR"], "a model directory on this machine"),
-    ]
-    if getattr(args, "source", None) != "modelscope":
-        choices.insert(1, (["--source", "modelscope"], "download from ModelScope (e.g. in mainland China)"))
-    commands = [shlex.join([*base, *extra]) for extra, _ in choices]
-    width = max(len(c) for c in commands)
-    lines = [f"error: {text}", "To go on, type one of:"]
-    lines += [f"  {command:<{width}}  # {why}" for command, (_, why) in zip(commands, choices, strict=True)]
-    if "/" in str(model) and not Path(str(model)).expanduser().exists():
-        download = f"hf download {shlex.quote(str(model))} --local-dir DIR"
-        lines.append(f"To fill DIR once, where the hub is reachable: {download}")
-    lines.append("Or check the network or proxy; HF_ENDPOINT=<mirror> uses a Hugging Face mirror.")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1260,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_exclusive(parser, args)
     func: Callable[[argparse.Namespace], int] = args.func
-    with _command_logging(args):
+    with command_logging(verbose=args.verbose, quiet=args.quiet):
         try:
             return int(func(args) or 0)
         except KeyboardInterrupt:
@@ -1274,11 +1060,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 141
         except ModelSourceError as exc:
             logger.debug("command failed", exc_info=True)
-            print(_model_source_message(exc, args, argv), file=sys.stderr)
+            model = str(getattr(args, "model", None) or DEFAULT_MODEL)
+            advice = model_not_found_advice(exc, argv, model=model, source=getattr(args, "source", None))
+            print(advice, file=sys.stderr)
             return 1
         except (CommandError, ImportError, OSError, ValueError, TypeError, RuntimeError) as exc:
             logger.debug("command failed", exc_info=True)
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 1
 
 

@@ -14,11 +14,18 @@ Both clients speak two endpoints: ``/v1/rerank`` (the Cohere / Jina / vLLM shape
 
 Built for a pool of replicas behind a load balancer:
 
-* **Timeouts**: ``timeout`` seconds per request, ``connect_timeout`` to open a connection.
+* **Timeouts**: ``timeout`` seconds for a whole call, retries and their waits included (each
+  attempt gets what is left), ``connect_timeout`` to open a connection.
 * **Retries** with exponential backoff and jitter on connection errors, 5xx answers and 429,
-  honouring the server's ``Retry-After`` (see :class:`RetryPolicy`). Reranking is idempotent,
+  honouring the server's ``Retry-After`` (see :class:`RetryPolicy`) but never past the call's
+  ``timeout``: a wait that would end after it fails the call at once. Reranking is idempotent,
   so a retried request can do no harm. A read timeout is not retried: the server is busy, and
   asking again would double its work.
+* **Overload**: a service that refuses work (503 or 429, as ``qwen3-rerank serve`` does past
+  ``--max-queue``) or does not answer in time raises :class:`RerankServiceError` with
+  ``overloaded=True``; with ``on_overload="keep_order"``, :meth:`RerankClient.rerank` instead
+  logs a WARNING and returns the documents in input order, cut to ``top_n``, as hits with
+  ``reranked=False`` and no score (``relevance_score`` is NaN).
 * **Splitting**: a long document list is sent as several requests of at most ``batch_size``
   documents (``max_concurrency`` in flight at once, so they spread over the replicas) and the
   results are merged as one answer: indices refer to the whole input, ties keep input order.
@@ -41,13 +48,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
-from .validation import check_positive_int, check_top_n
+from .validation import check_positive_int, check_top_n, document_text
 
 httpx = require("httpx", "server", "The rerank service client")
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_TIMEOUT",
+    "OVERLOAD_CHOICES",
     "AsyncRerankClient",
     "RankHit",
     "RerankClient",
@@ -63,6 +71,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Documents per request; well under the service's default limit of 1000 per request.
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_MAX_CONCURRENCY = 4
+#: What to do when the service is overloaded: raise :class:`RerankServiceError`, or keep the
+#: input order (unranked results, a WARNING logged).
+OVERLOAD_CHOICES = ("raise", "keep_order")
+# Answers that mean "busy, not broken": the service refuses work it cannot do in time.
+_OVERLOAD_STATUSES = frozenset({429, 503})
 
 # Failures to connect or a connection dropped mid-request; a read timeout is deliberately absent.
 _RETRYABLE_ERRORS = (
@@ -86,6 +99,8 @@ class RerankServiceError(RuntimeError):
         param: The request field the server named, if any (e.g. ``"documents[3]"``).
         type: The server's error type (``"invalid_request_error"``, ``"overloaded"``, ...).
         attempts: How many times the request was sent.
+        overloaded: The service is busy rather than broken: it answered 503 or 429, or no
+            answer came within the call's ``timeout``. What ``on_overload="keep_order"`` acts on.
     """
 
     def __init__(
@@ -96,6 +111,7 @@ class RerankServiceError(RuntimeError):
         param: str | None = None,
         type: str | None = None,
         attempts: int = 1,
+        overloaded: bool | None = None,
     ) -> None:
         prefix = f"HTTP {status_code}: " if status_code is not None else ""
         super().__init__(prefix + message)
@@ -104,15 +120,28 @@ class RerankServiceError(RuntimeError):
         self.param = param
         self.type = type
         self.attempts = attempts
+        self.overloaded = status_code in _OVERLOAD_STATUSES if overloaded is None else overloaded
 
 
 @dataclass(frozen=True)
 class RerankHit:
-    """One ``/v1/rerank`` result: input position, relevance probability, and the text if returned."""
+    """One ``/v1/rerank`` result.
+
+    Attributes:
+        index: Position in the documents of the call.
+        relevance_score: Relevance probability (log-odds with ``raw_scores=True``); NaN when
+            ``reranked`` is ``False``.
+        document: The text, when ``return_documents=True``.
+        span: ``(start, end)`` of the window that gave a long document's score
+            (``max_chunks_per_doc``), else ``None``.
+        reranked: ``False`` for the input-order hits of ``on_overload="keep_order"``.
+    """
 
     index: int
     relevance_score: float
     document: str | None = None
+    span: tuple[int, int] | None = None
+    reranked: bool = True
 
 
 @dataclass(frozen=True)
@@ -182,15 +211,13 @@ def _check_documents(documents: Any) -> list[str | dict[str, Any]]:
         )
     out: list[str | dict[str, Any]] = []
     for i, doc in enumerate(documents):
-        if isinstance(doc, str):
-            out.append(doc)
-        elif isinstance(doc, Mapping):
-            out.append(dict(doc))
-        else:
-            raise TypeError(
-                f"documents[{i}] must be a str or a mapping with a 'text' key, got {type(doc).__name__}"
-            )
+        document_text(doc, f"documents[{i}]")  # the one document rule (validation.py)
+        out.append(doc if isinstance(doc, str) else dict(doc))
     return out
+
+
+#: The ``/v1/rerank`` options this project's service accepts besides the documents.
+_RERANK_OPTIONS = ("max_tokens_per_doc", "max_tokens_per_query", "max_chunks_per_doc")
 
 
 def _rerank_payload(
@@ -200,6 +227,7 @@ def _rerank_payload(
     instruction: str | None,
     return_documents: bool,
     model: str | None,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {"query": query, "documents": documents, "return_documents": return_documents}
     if top_n is not None:
@@ -208,7 +236,20 @@ def _rerank_payload(
         payload["instruction"] = instruction
     if model is not None:
         payload["model"] = model
+    payload.update(options)
     return payload
+
+
+def _rerank_options(caps: dict[str, Any], raw_scores: bool) -> dict[str, Any]:
+    """The token caps that are set (each a positive int) and ``raw_scores``, as request fields."""
+    options = {
+        name: check_positive_int(caps[name], name) for name in _RERANK_OPTIONS if caps[name] is not None
+    }
+    if not isinstance(raw_scores, bool):
+        raise TypeError(f"raw_scores must be True or False, got {type(raw_scores).__name__}")
+    if raw_scores:
+        options["raw_scores"] = True
+    return options
 
 
 def _rank_payload(
@@ -251,8 +292,14 @@ def _parse_rerank(body: Any, offset: int, size: int, status_code: int = 200) -> 
             index = int(r["index"])
             if not 0 <= index < size:
                 raise _malformed(f"index {index} outside a request of {size} documents", body, status_code)
+            span = r.get("span")
             hits.append(
-                RerankHit(index=offset + index, relevance_score=float(r["relevance_score"]), document=text)
+                RerankHit(
+                    index=offset + index,
+                    relevance_score=float(r["relevance_score"]),
+                    document=text,
+                    span=None if span is None else (int(span["start"]), int(span["end"])),
+                )
             )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _malformed(f"{type(exc).__name__}: {exc}", body, status_code) from exc
@@ -272,6 +319,13 @@ def _parse_rank(body: Any, offset: int, size: int, status_code: int = 200) -> li
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _malformed(f"{type(exc).__name__}: {exc}", body, status_code) from exc
     return hits
+
+
+def check_on_overload(value: Any) -> str:
+    """``value`` when it is one of :data:`OVERLOAD_CHOICES`."""
+    if value not in OVERLOAD_CHOICES:
+        raise ValueError(f"on_overload must be 'raise' or 'keep_order', got {value!r}")
+    return value
 
 
 def _chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -342,11 +396,27 @@ def _is_retryable_status(status: int) -> bool:
 
 
 class _Attempts:
-    """What to do after each attempt of one request: return, raise, or wait and retry."""
+    """What to do after each attempt of one request: return, raise, or wait and retry.
 
-    def __init__(self, base_url: str, path: str, policy: RetryPolicy, timeout: Any) -> None:
+    ``deadline`` (a ``time.monotonic()`` value) ends the call's time: no wait runs past it.
+    """
+
+    def __init__(
+        self, base_url: str, path: str, policy: RetryPolicy, timeout: float, deadline: float
+    ) -> None:
         self.base_url, self.path, self.policy, self.timeout = base_url, path, policy, timeout
+        self.deadline = deadline
         self.count = 0
+
+    def attempt_timeout(self) -> Any:
+        """The httpx timeout of the next attempt: what is left of the call's time (``None``: all of it)."""
+        left = self.deadline - time.monotonic()
+        if self.count <= 1 or left >= self.timeout:
+            return None
+        return httpx.Timeout(max(left, 0.001))
+
+    def _past_deadline(self, wait: float) -> bool:
+        return time.monotonic() + wait >= self.deadline
 
     def after_error(self, exc: Exception) -> float:
         """Seconds to wait before retrying after a transport error; raises when giving up."""
@@ -355,6 +425,7 @@ class _Attempts:
                 f"the rerank service at {self.base_url} did not answer {self.path} within {self.timeout} s "
                 f"({type(exc).__name__}); raise timeout= for long document lists, or lower batch_size=",
                 attempts=self.count,
+                overloaded=True,
             ) from exc
         if not isinstance(exc, _RETRYABLE_ERRORS) or self.count > self.policy.max_retries:
             raise RerankServiceError(
@@ -364,6 +435,12 @@ class _Attempts:
                 attempts=self.count,
             ) from exc
         wait = self.policy.delay(self.count)
+        if self._past_deadline(wait):
+            raise RerankServiceError(
+                f"could not reach the rerank service at {self.base_url} within timeout={self.timeout} s "
+                f"({type(exc).__name__}: {exc}; {self.count} attempt{'s' if self.count > 1 else ''})",
+                attempts=self.count,
+            ) from exc
         logger.warning(
             "POST %s%s failed (%s: %s); retry %d of %d in %.2f s",
             self.base_url,
@@ -387,6 +464,10 @@ class _Attempts:
             note = f"the service asks to retry after {retry_after:.0f} s"
             raise _error_from_response(response, self.count, note)
         wait = self.policy.delay(self.count, retry_after)
+        if self._past_deadline(wait):
+            why = f"asks to retry after {retry_after:g} s" if retry_after is not None else "is still refusing"
+            note = f"the service {why}, past this call's timeout of {self.timeout:g} s"
+            raise _error_from_response(response, self.count, note)
         logger.warning(
             "POST %s%s answered %d; retry %d of %d in %.2f s%s",
             self.base_url,
@@ -418,6 +499,7 @@ class _ClientSettings:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         http_client: Any = None,
+        on_overload: str = "raise",
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
@@ -428,6 +510,8 @@ class _ClientSettings:
         check_positive_int(max_concurrency, "max_concurrency")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        check_on_overload(on_overload)
+        self.on_overload = on_overload
         self.base_url = base_url.rstrip("/")
         self.model = model
         #: The ``model`` the service named in its latest answer (``None`` until it names one).
@@ -456,15 +540,44 @@ class _ClientSettings:
         top_n: int | None,
         instruction: str | None,
         return_documents: bool,
+        options: dict[str, Any],
     ) -> tuple[list[tuple[int, int, dict[str, Any]]], int | None]:
         docs, top_n = _check_documents(documents), check_top_n(top_n)
         requests = []
         for start, end in _chunks(len(docs), self.batch_size):
             payload = _rerank_payload(
-                query, docs[start:end], top_n, instruction, return_documents, self.model
+                query, docs[start:end], top_n, instruction, return_documents, self.model, options
             )
             requests.append((start, end - start, payload))
         return requests, top_n
+
+    def _attempts(self, path: str, retry: bool, deadline: float | None) -> _Attempts:
+        policy = self.retry if retry else RetryPolicy(max_retries=0)
+        end = time.monotonic() + self.timeout if deadline is None else deadline
+        return _Attempts(self.base_url, path, policy, self.timeout, end)
+
+    def _kept_order(
+        self, exc: RerankServiceError, documents: Sequence[Any], top_n: int | None, return_documents: bool
+    ) -> list[RerankHit]:
+        """Input-order hits for ``on_overload="keep_order"``; re-raises any other failure."""
+        if self.on_overload != "keep_order" or not exc.overloaded:
+            raise exc
+        logger.warning(
+            "the rerank service at %s is overloaded (%s); keeping the input order of %d documents",
+            self.base_url,
+            exc,
+            len(documents),
+        )
+        keep = documents if top_n is None else documents[:top_n]
+        return [
+            RerankHit(
+                index=i,
+                relevance_score=math.nan,
+                document=document_text(doc, f"documents[{i}]") if return_documents else None,
+                reranked=False,
+            )
+            for i, doc in enumerate(keep)
+        ]
 
     def _rank_requests(
         self, query: str, documents: Any, top_n: int | None, instruction: str | None
@@ -484,7 +597,8 @@ class RerankClient(_ClientSettings):
     Args:
         base_url: Where the service listens, e.g. ``"http://rerank:8000"``.
         api_key: Sent as ``Authorization: Bearer <api_key>`` when the service requires one.
-        timeout: Seconds to wait for each answer (reranking many long documents on CPU takes a while).
+        timeout: Seconds a call may take in all, retries and their waits included (reranking many
+            long documents on CPU takes a while); a ``Retry-After`` that ends past it fails the call.
         connect_timeout: Seconds to open a connection (an unreachable host fails this fast).
         model: Sent as ``model`` in ``/v1/rerank`` requests (ignored by this project's service,
             required by vLLM and most hosted APIs).
@@ -493,6 +607,10 @@ class RerankClient(_ClientSettings):
         max_concurrency: Most requests of one call in flight at once.
         http_client: An ``httpx.Client`` to use instead of creating one (its base URL, headers
             and timeouts are then yours to set).
+        on_overload: ``"raise"`` (default): an overloaded service (503, 429, or no answer within
+            ``timeout``) raises :class:`RerankServiceError`; ``"keep_order"``: :meth:`rerank`
+            returns the documents in input order, cut to ``top_n``, with ``reranked=False``, and
+            logs a WARNING (a chatbot keeps answering with the retriever's order).
 
     Attributes:
         served_model: The ``model`` the service named in its latest answer (``None`` until then).
@@ -502,14 +620,21 @@ class RerankClient(_ClientSettings):
     """
 
     def _send(
-        self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        retry: bool = True,
+        deadline: float | None = None,
     ) -> Any:
-        policy = self.retry if retry else RetryPolicy(max_retries=0)
-        attempts = _Attempts(self.base_url, path, policy, self.timeout)
+        attempts = self._attempts(path, retry, deadline)
         while True:
             attempts.count += 1
             try:
-                response = self._http.request(method, path, json=payload)
+                timeout = attempts.attempt_timeout()
+                extra = {} if timeout is None else {"timeout": timeout}
+                response = self._http.request(method, path, json=payload, **extra)
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:
@@ -519,9 +644,11 @@ class RerankClient(_ClientSettings):
             time.sleep(wait)
 
     def _post_all(self, path: str, requests: list[tuple[int, int, dict[str, Any]]], parse: Callable) -> list:
+        deadline = time.monotonic() + self.timeout  # one budget for the whole call
+
         def post(request: tuple[int, int, dict[str, Any]]) -> list:
             start, size, payload = request
-            return self._parse(self._send("POST", path, payload), parse, start, size)
+            return self._parse(self._send("POST", path, payload, deadline=deadline), parse, start, size)
 
         if len(requests) == 1:
             return [post(requests[0])]
@@ -535,29 +662,55 @@ class RerankClient(_ClientSettings):
         top_n: int | None = None,
         instruction: str | None = None,
         return_documents: bool = False,
+        *,
+        max_tokens_per_doc: int | None = None,
+        max_tokens_per_query: int | None = None,
+        max_chunks_per_doc: int | None = None,
+        raw_scores: bool = False,
     ) -> list[RerankHit]:
         """``POST /v1/rerank``: documents best first.
 
         Args:
             query: The question.
-            documents: Texts, or mappings with a ``"text"`` key.
+            documents: Texts, or mappings with a ``"text"`` key (the rule of
+                :func:`~qwen3_rerank_plugins.validation.document_text`; empty text is accepted).
             top_n: Keep the best ``top_n`` (all when ``None``).
             instruction: Template name (see ``qwen3-rerank templates``) or free text (this
                 project's service; other servers ignore it).
             return_documents: Have the server echo each document's text in the hits.
+            max_tokens_per_doc: Cut each document to this many tokens (``None``: the service's setting).
+            max_tokens_per_query: Cut the instruction + query to this many tokens.
+            max_chunks_per_doc: Read a long document in up to this many windows and score it by
+                the best (its span comes back in :attr:`RerankHit.span`).
+            raw_scores: Have the service report log-odds instead of probabilities.
 
         Returns:
             :class:`RerankHit` objects, highest ``relevance_score`` first; ``index`` is the
-            position in ``documents`` however the list was split.
+            position in ``documents`` however the list was split. With
+            ``on_overload="keep_order"`` and an overloaded service: the documents in input
+            order, cut to ``top_n``, with ``reranked=False`` (a WARNING is logged).
 
         Raises:
-            RerankServiceError: The service refused the request or could not be reached.
-            TypeError, ValueError: ``documents`` or ``top_n`` is malformed (before anything is sent).
+            RerankServiceError: The service refused the request or could not be reached
+                (``overloaded=True``: it was busy or did not answer within ``timeout``).
+            TypeError, ValueError: ``documents``, ``top_n`` or a cap is malformed (before
+                anything is sent).
         """
-        requests, top_n = self._rerank_requests(query, documents, top_n, instruction, return_documents)
+        caps = {
+            "max_tokens_per_doc": max_tokens_per_doc,
+            "max_tokens_per_query": max_tokens_per_query,
+            "max_chunks_per_doc": max_chunks_per_doc,
+        }
+        options = _rerank_options(caps, raw_scores)
+        requests, top_n = self._rerank_requests(
+            query, documents, top_n, instruction, return_documents, options
+        )
         if not requests:
             return []
-        parts = self._post_all("/v1/rerank", requests, _parse_rerank)
+        try:
+            parts = self._post_all("/v1/rerank", requests, _parse_rerank)
+        except RerankServiceError as exc:
+            return self._kept_order(exc, documents, top_n, return_documents)
         return _merge(parts, lambda hit: hit.relevance_score, top_n)
 
     def rank(
@@ -607,14 +760,21 @@ class AsyncRerankClient(_ClientSettings):
     _http_class = "AsyncClient"
 
     async def _send(
-        self, method: str, path: str, payload: dict[str, Any] | None = None, *, retry: bool = True
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        retry: bool = True,
+        deadline: float | None = None,
     ) -> Any:
-        policy = self.retry if retry else RetryPolicy(max_retries=0)
-        attempts = _Attempts(self.base_url, path, policy, self.timeout)
+        attempts = self._attempts(path, retry, deadline)
         while True:
             attempts.count += 1
             try:
-                response = await self._http.request(method, path, json=payload)
+                timeout = attempts.attempt_timeout()
+                extra = {} if timeout is None else {"timeout": timeout}
+                response = await self._http.request(method, path, json=payload, **extra)
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:
@@ -627,11 +787,12 @@ class AsyncRerankClient(_ClientSettings):
         self, path: str, requests: list[tuple[int, int, dict[str, Any]]], parse: Callable
     ) -> list:
         limit = asyncio.Semaphore(self.max_concurrency)
+        deadline = time.monotonic() + self.timeout  # one budget for the whole call
 
         async def post(request: tuple[int, int, dict[str, Any]]) -> list:
             start, size, payload = request
             async with limit:
-                response = await self._send("POST", path, payload)
+                response = await self._send("POST", path, payload, deadline=deadline)
             return self._parse(response, parse, start, size)
 
         tasks: list[Awaitable[list]] = [post(r) for r in requests]
@@ -644,12 +805,28 @@ class AsyncRerankClient(_ClientSettings):
         top_n: int | None = None,
         instruction: str | None = None,
         return_documents: bool = False,
+        *,
+        max_tokens_per_doc: int | None = None,
+        max_tokens_per_query: int | None = None,
+        max_chunks_per_doc: int | None = None,
+        raw_scores: bool = False,
     ) -> list[RerankHit]:
         """See :meth:`RerankClient.rerank`."""
-        requests, top_n = self._rerank_requests(query, documents, top_n, instruction, return_documents)
+        caps = {
+            "max_tokens_per_doc": max_tokens_per_doc,
+            "max_tokens_per_query": max_tokens_per_query,
+            "max_chunks_per_doc": max_chunks_per_doc,
+        }
+        options = _rerank_options(caps, raw_scores)
+        requests, top_n = self._rerank_requests(
+            query, documents, top_n, instruction, return_documents, options
+        )
         if not requests:
             return []
-        parts = await self._post_all("/v1/rerank", requests, _parse_rerank)
+        try:
+            parts = await self._post_all("/v1/rerank", requests, _parse_rerank)
+        except RerankServiceError as exc:
+            return self._kept_order(exc, documents, top_n, return_documents)
         return _merge(parts, lambda hit: hit.relevance_score, top_n)
 
     async def rank(

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, score_rows
+from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, score_rows
 from .cache import CACHE_FORMAT_VERSION, CachedScore, ScoreCache
-from .device import resolve_device, resolve_dtype
-from .protocol import GroupScores, ScoreGroup, StopCheck
+from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
+from .protocol import GroupScores, ScoreGroup, StopCheck, precision_name
 from .scoring import BaseReranker
-from .settings import DEFAULT_MAX_LENGTH, RerankerSettings
+from .settings import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, RerankerSettings
 from .sources import resolve_model_dir, validate_model_dir
 from .templates import InstructionTemplate, format_document, format_head, resolve_instruction
 from .validation import Document, InputTooLongError
@@ -179,7 +179,7 @@ class Reranker(BaseReranker):
     @classmethod
     def from_pretrained(
         cls,
-        model_name_or_path: str | os.PathLike[str] = "Qwen/Qwen3-Reranker-0.6B",
+        model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = "auto",
@@ -198,8 +198,12 @@ class Reranker(BaseReranker):
                 ``"demo"`` for a tiny random-weight model built locally (meaningless scores:
                 for trying the pipeline offline).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-            dtype: ``"auto"`` (bf16 on capable CUDA, fp16 on other CUDA and MPS, fp32 on CPU),
-                ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+            dtype: ``"auto"`` (bf16 on capable CUDA, fp16 on other CUDA and MPS; on CPU float32
+                unless a lower precision is native there and was measured faster and in agreement,
+                see :func:`~qwen3_rerank_plugins.device.auto_cpu_precision`), ``"float32"``,
+                ``"bfloat16"``, ``"float16"`` or ``"int8"`` (CPU: dynamic int8 linear layers,
+                float32 head; approximate). bf16/fp16 on a CPU that only emulates them warns
+                (:class:`~qwen3_rerank_plugins.device.SlowPrecisionWarning`).
             source: ``"auto"`` (local directory, then Hugging Face, then ModelScope),
                 ``"local"``, ``"huggingface"`` or ``"modelscope"``.
             revision: Hub revision.
@@ -227,7 +231,9 @@ class Reranker(BaseReranker):
         checked = RerankerSettings.from_kwargs(**settings)  # before minutes of loading
         score_cache = ScoreCache.build(cache, cache_url)
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        precision = resolve_precision(dtype, torch_device)
+        warn_if_emulated(precision, torch_device)
+        torch_dtype = precision.dtype
         path, used = resolve_model_dir(model_name_or_path, source, revision=revision, cache_dir=cache_dir)
         validate_model_dir(path)
         name = Path(os.fspath(model_name_or_path)).name if used not in ("local", "demo") else path.name
@@ -241,8 +247,11 @@ class Reranker(BaseReranker):
             raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
         model.to(torch_device)
         display = name or Path(str(getattr(model, "name_or_path", "") or "Qwen3-Reranker")).name
-        reranker = cls._from_core(ScoringModel(model, tokenizer, display), checked, score_cache)
-        logger.info("%s on %s (%s)", name, torch_device, str(torch_dtype).removeprefix("torch."))
+        core = ScoringModel(model, tokenizer, display)
+        if precision.quantization == "int8":
+            quantize_int8(core, vnni=cpu_features().vnni)
+        reranker = cls._from_core(core, checked, score_cache)
+        logger.info("%s on %s (%s)", name, torch_device, precision.name)
         return reranker
 
     # -- settings and introspection ------------------------------------------------------------
@@ -292,6 +301,11 @@ class Reranker(BaseReranker):
         return self._core.dtype
 
     @property
+    def quantization(self) -> str | None:
+        """``"int8"`` when the linear layers are int8-quantized (``dtype="int8"``), else ``None``."""
+        return self._core.quantization
+
+    @property
     def tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer (for decoding :meth:`prompt_ids`)."""
         return self._core.tokenizer
@@ -336,9 +350,9 @@ class Reranker(BaseReranker):
         return self._core is getattr(other, "_core", None)
 
     def __repr__(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
         cache = "" if self._cache is None else f", cache={self._cache!r}"
-        return f"Reranker({self.model_name!r}, device={str(self.device)!r}, dtype={dtype!r}{cache})"
+        device, dtype = str(self.device), precision_name(self)
+        return f"Reranker({self.model_name!r}, device={device!r}, dtype={dtype!r}{cache})"
 
     # -- token views ----------------------------------------------------------------------------
 
@@ -558,6 +572,8 @@ class Reranker(BaseReranker):
             f"format={CACHE_FORMAT_VERSION}",
             f"weights={_fingerprints[self._core].hex()}",
             f"dtype={self._core.dtype}",
+            f"quantization={self._core.quantization}"
+            + (f",vnni={cpu_features().vnni}" if self._core.quantization else ""),
             f"yes={self._core.yes_id},no={self._core.no_id}",
             *(f"{name}={value!r}" for name, value in sorted(scoring.items())),
         ]
@@ -626,6 +642,11 @@ def _weights_fingerprint(core: ScoringModel) -> bytes:
         h.update(core.head.detach().float().cpu().numpy().tobytes())
         for name, module in core.backbone.named_modules():
             h.update(f"{name}:{type(module).__name__};".encode())
+            packed = getattr(module, "weight", None)
+            if callable(packed) and not isinstance(packed, torch.Tensor):  # a quantized layer's weights
+                weight = packed()
+                flat = (weight.dequantize() if weight.is_quantized else weight).reshape(-1)
+                h.update(flat[:: max(flat.numel() // 64, 1)][:64].float().cpu().numpy().tobytes())
         for name, param in core.backbone.named_parameters():
             flat = param.detach().reshape(-1)
             sample = flat[:: max(flat.numel() // 64, 1)][:64]

@@ -42,26 +42,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._optional import require
+from .validation import document_text
 
 if TYPE_CHECKING:
     from .protocol import Scorer
     from .templates import InstructionTemplate
 
 __all__ = [
+    "ALL_INSTRUCTIONS",
+    "BOOTSTRAP_RESAMPLES",
+    "DATA_INSTRUCTION",
     "FIRST_STAGES",
     "BM25Index",
+    "ComparisonReport",
     "EvalDataset",
     "EvalQuery",
     "EvaluationReport",
+    "Interval",
+    "Variant",
+    "compare",
+    "compare_instructions",
     "evaluate",
     "hit_at_k",
+    "instruction_arms",
     "load_beir",
     "load_dataset",
     "load_jsonl",
     "mrr_at_k",
     "ndcg_at_k",
+    "paired_bootstrap",
+    "plot_comparison",
     "plot_report",
+    "spearman",
     "tokenize",
+    "top_k_overlap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,12 +179,15 @@ class EvalQuery:
         relevance: Relevance grade per document index; > 0 is relevant.
         candidates: The query's own candidate documents (JSONL positives and negatives), or
             ``None`` when every document of the pool is a candidate (BEIR).
+        instruction: The query's own instruction from the data (JSONL key ``"instruction"``),
+            used by the ``data`` arm of a comparison; ``None`` when the data gives none.
     """
 
     id: str
     text: str
     relevance: Mapping[int, float]
     candidates: tuple[int, ...] | None = None
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,11 +208,7 @@ class EvalDataset:
 
 
 def _doc_text(doc: Any, where: str) -> str:
-    if isinstance(doc, Mapping):
-        doc = doc.get("text")
-    if not isinstance(doc, str) or not doc.strip():
-        raise ValueError(f"{where} must be a non-empty string or an object with a non-empty 'text'")
-    return doc
+    return document_text(doc, where)  # the one document rule (empty text is scored, as the engine does)
 
 
 def _doc_list(record: Mapping[str, Any], names: tuple[str, str], where: str) -> list[Any]:
@@ -252,6 +265,9 @@ def load_jsonl(path: str | Path) -> EvalDataset:
             negatives = _doc_list(record, ("negatives", "negative"), where)
             if not positives:
                 raise ValueError(f"{where} needs at least one document in 'positives'")
+            instruction = record.get("instruction")
+            if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+                raise ValueError(f"{where}: 'instruction' must be a non-empty string when given")
             relevance: dict[int, float] = {}
             for i, doc in enumerate(positives):
                 relevance[doc_index(_doc_text(doc, f"{where}: positives[{i}]"))] = 1.0
@@ -266,6 +282,7 @@ def load_jsonl(path: str | Path) -> EvalDataset:
                     text=query,
                     relevance=relevance,
                     candidates=tuple(candidates),
+                    instruction=instruction,
                 )
             )
     if not queries:
@@ -674,6 +691,591 @@ def plot_report(report: EvaluationReport, path: str | Path, *, title: str | None
         ax.legend(loc="upper left")
         stage = f"{report.first_stage} top {report.candidates}" if report.candidates else report.first_stage
         ax.set_title(title or f"{report.dataset}: {stage} vs. {report.model}", fontsize=10)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing instructions, models or dtypes on the same candidates
+# ---------------------------------------------------------------------------------------------
+
+#: Resamples of the paired bootstrap (stated in every comparison report).
+BOOTSTRAP_RESAMPLES = 2000
+#: Coverage of the bootstrap intervals.
+CONFIDENCE = 0.95
+#: The metric a comparison names its winner by.
+PRIMARY_METRIC = "nDCG@10"
+#: ``instructions=["all"]``: every registered template plus the reranker's own instruction.
+ALL_INSTRUCTIONS = "all"
+#: Label of the reranker's own instruction (``None``) in a comparison.
+DEFAULT_LABEL = "default"
+#: The arm that gives each query its own instruction from the data (JSONL ``"instruction"``).
+DATA_INSTRUCTION = "data"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of a comparison: a scorer and the instruction it reads.
+
+    Attributes:
+        label: How tables, JSON and the chart name it.
+        scorer: The reranker (arms that share a scorer are scored in one engine call).
+        instruction: Template name or free text; ``None`` for the scorer's own instruction.
+    """
+
+    label: str
+    scorer: Scorer
+    instruction: str | InstructionTemplate | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean difference (arm minus baseline) with its paired-bootstrap confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or wholly below zero."""
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "excludes_zero": self.excludes_zero}
+
+    def format(self) -> str:
+        star = "*" if self.excludes_zero else " "
+        return f"{self.mean:+.3f} [{self.low:+.3f},{self.high:+.3f}]{star}"
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """Several arms (instructions, models or dtypes) evaluated on the same candidates.
+
+    Attributes:
+        dataset: Dataset name.
+        first_stage: ``"bm25"`` or ``"none"``.
+        candidates: The BM25 depth (``None`` for ``none``).
+        queries: Number of queries.
+        documents: Size of the pool.
+        baseline: Label of the arm the others are compared with.
+        arms: Per label: ``model``, ``device``, ``instruction`` (text) of that arm.
+        before: Mean metrics of the first-stage order.
+        metrics: Per label, mean metrics after reranking.
+        differences: Per non-baseline label and metric, the mean difference to the baseline with
+            its paired-bootstrap interval (queries resampled with replacement; every arm and
+            metric uses the same resamples).
+        agreement: Per non-baseline label, rank agreement with the baseline's scores over the same
+            candidates: mean Spearman correlation per query, mean top-k overlap for each k, and
+            the largest absolute log-odds difference.
+        winner: Per metric, the label whose interval against the baseline lies above zero with the
+            largest mean (the baseline when every other arm's interval lies below zero), or
+            ``None`` when the data cannot tell the arms apart.
+        resamples: Bootstrap resamples.
+        seed: Bootstrap seed.
+        pairs: (query, document) pairs scored, all arms together.
+        engine_calls: ``score_groups`` calls made (one per distinct scorer).
+        seconds: Scoring time, all calls together.
+        per_query: Per label, each query's metrics (in dataset order).
+    """
+
+    dataset: str
+    first_stage: str
+    candidates: int | None
+    queries: int
+    documents: int
+    baseline: str
+    arms: dict[str, dict[str, str]]
+    before: dict[str, float]
+    metrics: dict[str, dict[str, float]]
+    differences: dict[str, dict[str, Interval]]
+    agreement: dict[str, dict[str, float]]
+    winner: dict[str, str | None]
+    resamples: int
+    seed: int
+    pairs: int
+    engine_calls: int
+    seconds: float
+    per_query: dict[str, list[dict[str, float]]] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (per-query metrics left out)."""
+        return {
+            "dataset": self.dataset,
+            "first_stage": self.first_stage,
+            "candidates": self.candidates,
+            "queries": self.queries,
+            "documents": self.documents,
+            "baseline": self.baseline,
+            "arms": self.arms,
+            "before": self.before,
+            "metrics": self.metrics,
+            "differences": {
+                label: {m: iv.to_dict() for m, iv in diffs.items()}
+                for label, diffs in self.differences.items()
+            },
+            "agreement": self.agreement,
+            "winner": self.winner,
+            "bootstrap": {"resamples": self.resamples, "seed": self.seed, "confidence": CONFIDENCE},
+            "pairs": self.pairs,
+            "engine_calls": self.engine_calls,
+            "seconds": self.seconds,
+        }
+
+    def format(self) -> str:
+        """The comparison as tables, for a terminal."""
+        names = list(self.before)
+        width = max(10, *(len(label) + 2 for label in self.metrics))
+        stage = (
+            f"bm25 (jieba + rank-bm25), top {self.candidates} candidates"
+            if self.first_stage == "bm25"
+            else "none (each query's own candidates)"
+        )
+        base = self.arms[self.baseline]
+        lines = [
+            f"Dataset: {self.dataset} ({self.queries} queries, {self.documents} documents)",
+            f"First stage: {stage}",
+            f"Arms: {len(self.metrics)} on the same candidates; baseline: {self.baseline} "
+            f"({base['model']} on {base['device']})",
+            f"Scored {self.pairs} pairs in {self.engine_calls} engine call(s), {self.seconds:.1f} s",
+            "",
+            "Mean metrics after reranking",
+            f"{'arm':<{width}}" + "".join(f"{n:>9}" for n in names),
+            f"{'(before)':<{width}}" + "".join(f"{self.before[n]:>9.3f}" for n in names),
+        ]
+        for label, row in self.metrics.items():
+            lines.append(f"{label:<{width}}" + "".join(f"{row[n]:>9.3f}" for n in names))
+        if self.differences:
+            pct = round(CONFIDENCE * 100)
+            lines += [
+                "",
+                f"Difference to the baseline, mean [{pct}% CI]; paired bootstrap over queries, "
+                f"{self.resamples} resamples, seed {self.seed}; * = the interval excludes 0",
+                f"{'arm':<{width}}" + "".join(f"{n:>25}" for n in names),
+            ]
+            for label, diffs in self.differences.items():
+                lines.append(f"{label:<{width}}" + "".join(f"{diffs[n].format():>25}" for n in names))
+            agree_names = list(next(iter(self.agreement.values())))
+            lines += [
+                "",
+                "Rank agreement with the baseline (same candidates)",
+                f"{'arm':<{width}}" + "".join(f"{n:>18}" for n in agree_names),
+            ]
+            for label, row in self.agreement.items():
+                lines.append(f"{label:<{width}}" + "".join(f"{row[n]:>18.4f}" for n in agree_names))
+        lines.append("")
+        best = self.winner.get(PRIMARY_METRIC)
+        if not self.differences:
+            lines.append("One arm only: nothing to compare.")
+        elif best is None:
+            lines.append(
+                f"Winner on {PRIMARY_METRIC}: none. No arm differs from the baseline beyond noise "
+                f"({round(CONFIDENCE * 100)}% intervals include 0); more labelled queries would be needed."
+            )
+        elif best == self.baseline:
+            lines.append(f"Winner on {PRIMARY_METRIC}: {best} (the baseline; every other arm is worse).")
+        else:
+            iv = self.differences[best][PRIMARY_METRIC]
+            lines.append(
+                f"Winner on {PRIMARY_METRIC}: {best} ({iv.mean:+.3f} over {self.baseline}, "
+                f"{round(CONFIDENCE * 100)}% CI [{iv.low:+.3f}, {iv.high:+.3f}])"
+            )
+        return "\n".join(lines)
+
+
+def instruction_arms(instructions: Sequence[str | None], *, data: bool = False) -> list[str | None]:
+    """Expand a list of instructions: ``"all"`` becomes the reranker's own (``None``), the data's
+    own (``"data"``, when ``data`` is true) and every template.
+
+    Duplicates are dropped, order kept.
+
+    Example:
+        >>> instruction_arms(["similar_ticket", None, "similar_ticket"])
+        ['similar_ticket', None]
+    """
+    from .templates import list_instruction_templates
+
+    out: list[str | None] = []
+    for item in instructions:
+        own = [DATA_INSTRUCTION] if data else []
+        templates = [t.name for t in list_instruction_templates()]
+        expanded = [None, *own, *templates] if item == ALL_INSTRUCTIONS else [item]
+        for one in expanded:
+            if one not in out:
+                out.append(one)
+    if not out:
+        raise ValueError("instructions must name at least one instruction")
+    return out
+
+
+def instruction_label(instruction: str | None, limit: int = 28) -> str:
+    """A short table label for an instruction: its template name, ``default``, or clipped free text."""
+    if instruction is None:
+        return DEFAULT_LABEL
+    return instruction if len(instruction) <= limit else instruction[: limit - 1] + "…"
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation (ties get average ranks); ``None`` when undefined.
+
+    Example:
+        >>> spearman([0.1, 0.5, 0.9], [1, 2, 4]), spearman([1, 2, 3], [3, 2, 1])
+        (1.0, -1.0)
+    """
+    if len(a) != len(b):
+        raise ValueError("spearman needs two sequences of the same length")
+    if len(a) < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return None
+    return cov / math.sqrt(va * vb)
+
+
+def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    """Share of the top ``k`` by ``a`` that is also in the top ``k`` by ``b`` (ties by index).
+
+    Example:
+        >>> top_k_overlap([3, 2, 1, 0], [3, 0, 2, 1], 2)
+        0.5
+    """
+    k = min(_check_k(k), len(a))
+    if k == 0:
+        return 1.0
+    top_a = set(ranked_order(a)[:k])
+    top_b = set(ranked_order(b)[:k])
+    return len(top_a & top_b) / k
+
+
+def ranked_order(scores: Sequence[float]) -> list[int]:
+    """Indices by descending score, ties by index (the reranker's own order)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def paired_bootstrap(
+    differences: Mapping[str, Sequence[float]], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, Interval]:
+    """Percentile intervals of the mean of several paired per-query differences.
+
+    Every series is resampled with the *same* query indices (a paired bootstrap), so the
+    intervals of several metrics or arms come from one set of resamples. The same ``seed`` gives
+    the same intervals.
+
+    Args:
+        differences: Per name, one difference per query (all of one length).
+        resamples: Bootstrap resamples.
+        seed: Seed of the resampling.
+
+    Returns:
+        Per name, the observed mean difference and its ``CONFIDENCE`` interval.
+    """
+    resamples = _check_k(resamples)
+    lengths = {len(v) for v in differences.values()}
+    if len(lengths) > 1:
+        raise ValueError("paired_bootstrap needs one difference per query in every series")
+    n = lengths.pop() if lengths else 0
+    if n == 0:
+        raise ValueError("paired_bootstrap needs at least one query")
+    rng = random.Random(seed)
+    means: dict[str, list[float]] = {name: [] for name in differences}
+    series = {name: list(values) for name, values in differences.items()}
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        for name, values in series.items():
+            means[name].append(sum(values[i] for i in idx) / n)
+    alpha = (1 - CONFIDENCE) / 2
+    lo_i = max(0, math.floor(alpha * resamples))
+    hi_i = min(resamples - 1, math.ceil((1 - alpha) * resamples) - 1)
+    out = {}
+    for name, values in series.items():
+        ordered = sorted(means[name])
+        out[name] = Interval(statistics.fmean(values), ordered[lo_i], ordered[hi_i])
+    return out
+
+
+def _winner(baseline: str, differences: Mapping[str, Mapping[str, Interval]], metric: str) -> str | None:
+    above = [(iv[metric].mean, label) for label, iv in differences.items() if iv[metric].low > 0]
+    if above:
+        return max(above)[1]
+    if differences and all(iv[metric].high < 0 for iv in differences.values()):
+        return baseline
+    return None
+
+
+def compare(
+    arms: Sequence[Variant],
+    dataset: EvalDataset,
+    *,
+    baseline: str | None = None,
+    first_stage: str = "bm25",
+    ks: Sequence[int] = (1, 3, 10),
+    candidates: int = 50,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_seed: int = 0,
+    show_progress: bool = False,
+) -> ComparisonReport:
+    """Evaluate several arms (instructions, models, dtypes) on the same first-stage candidates.
+
+    Every arm reranks exactly the same candidates. Arms that share a scorer are scored in one
+    ``score_groups`` call holding every (arm, query) group, so the engine batches the pairs of
+    all instructions together instead of one call per query per instruction.
+
+    Args:
+        arms: The arms; labels must be distinct.
+        dataset: From :func:`load_dataset`.
+        baseline: Label of the arm the others are compared with (default: the first).
+        first_stage, ks, candidates, seed: As for :func:`evaluate`.
+        resamples: Paired-bootstrap resamples.
+        bootstrap_seed: Seed of the bootstrap; the same seed gives the same intervals.
+        show_progress: Show the engine's progress bar.
+
+    Returns:
+        A :class:`ComparisonReport`.
+
+    Raises:
+        ValueError: No arm, duplicate labels, an unknown baseline, or as :func:`evaluate`.
+    """
+    from .protocol import ScoreGroup
+    from .scoring import BaseReranker
+
+    if not arms:
+        raise ValueError("compare needs at least one arm")
+    labels = [a.label for a in arms]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"arm labels must be distinct, got {labels}")
+    baseline = labels[0] if baseline is None else baseline
+    if baseline not in labels:
+        raise ValueError(f"baseline {baseline!r} is not one of the arms: {', '.join(labels)}")
+    if not dataset.queries:
+        raise ValueError(f"dataset {dataset.name!r} has no queries")
+    if first_stage not in FIRST_STAGES:
+        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
+    ks = tuple(sorted({_check_k(k) for k in ks}))
+    if not ks:
+        raise ValueError("ks must name at least one cut-off")
+    candidates = _check_k(candidates)
+    resamples = _check_k(resamples)
+    pools = _first_stage(dataset, first_stage, candidates, seed)
+
+    # One engine call per distinct scorer, holding every (arm, query) group of that scorer.
+    logits: dict[str, list[list[float]]] = {}
+    by_scorer: dict[int, list[Variant]] = {}
+    for arm in arms:
+        by_scorer.setdefault(id(arm.scorer), []).append(arm)
+    calls, pairs, seconds = 0, 0, 0.0
+    for members in by_scorer.values():
+        scorer = members[0].scorer
+        groups = []
+        for arm in members:
+            instruction = arm.instruction
+            if instruction is not None and not isinstance(instruction, str):
+                instruction = instruction.text
+            for query, pool in zip(dataset.queries, pools, strict=True):
+                own = query.instruction if instruction == DATA_INSTRUCTION else instruction
+                if isinstance(scorer, BaseReranker):
+                    own = scorer._instruction_text(own)
+                groups.append(ScoreGroup(query.text, [dataset.documents[i] for i in pool], own))
+        start = time.perf_counter()
+        scored = scorer.score_groups(groups, show_progress=show_progress)
+        seconds += time.perf_counter() - start
+        calls += 1
+        pairs += sum(len(g.texts) for g in groups)
+        n = len(dataset.queries)
+        for j, arm in enumerate(members):
+            logits[arm.label] = [s.logits for s in scored[j * n : (j + 1) * n]]
+
+    before_rows = [_metrics(pool, q.relevance, ks) for q, pool in zip(dataset.queries, pools, strict=True)]
+    per_query: dict[str, list[dict[str, float]]] = {}
+    for label in labels:
+        rows = []
+        for q, pool, scores in zip(dataset.queries, pools, logits[label], strict=True):
+            rows.append(_metrics([pool[i] for i in ranked_order(scores)], q.relevance, ks))
+        per_query[label] = rows
+    names = list(before_rows[0])
+
+    series = {}
+    for label in labels:
+        if label == baseline:
+            continue
+        for name in names:
+            series[(label, name)] = [
+                row[name] - base[name]
+                for row, base in zip(per_query[label], per_query[baseline], strict=True)
+            ]
+    intervals = (
+        paired_bootstrap(
+            {f"{label}\x00{name}": values for (label, name), values in series.items()},
+            resamples=resamples,
+            seed=bootstrap_seed,
+        )
+        if series
+        else {}
+    )
+    differences: dict[str, dict[str, Interval]] = {}
+    for key, interval in intervals.items():
+        label, name = key.split("\x00")
+        differences.setdefault(label, {})[name] = interval
+
+    agreement: dict[str, dict[str, float]] = {}
+    for label in labels:
+        if label == baseline:
+            continue
+        rhos, overlaps, worst = [], {k: [] for k in ks}, 0.0
+        for mine, base in zip(logits[label], logits[baseline], strict=True):
+            rho = spearman(mine, base)
+            if rho is not None:
+                rhos.append(rho)
+            for k in ks:
+                overlaps[k].append(top_k_overlap(base, mine, k))
+            worst = max([worst, *(abs(x - y) for x, y in zip(mine, base, strict=True))])
+        row = {"spearman": statistics.fmean(rhos) if rhos else float("nan")}
+        row.update({f"top-{k} overlap": statistics.fmean(v) for k, v in overlaps.items()})
+        row["max |Δ log-odds|"] = worst
+        agreement[label] = row
+
+    return ComparisonReport(
+        dataset=dataset.name,
+        first_stage=first_stage,
+        candidates=min(candidates, len(dataset.documents)) if first_stage == "bm25" else None,
+        queries=len(dataset.queries),
+        documents=len(dataset.documents),
+        baseline=baseline,
+        arms={
+            a.label: {
+                "model": a.scorer.model_name,
+                "device": f"{a.scorer.device} ({str(a.scorer.dtype).removeprefix('torch.')})",
+                "instruction": _arm_instruction_text(a),
+            }
+            for a in arms
+        },
+        before=_mean(before_rows),
+        metrics={label: _mean(per_query[label]) for label in labels},
+        differences=differences,
+        agreement=agreement,
+        winner={name: _winner(baseline, differences, name) for name in names},
+        resamples=resamples,
+        seed=bootstrap_seed,
+        pairs=pairs,
+        engine_calls=calls,
+        seconds=seconds,
+        per_query=per_query,
+    )
+
+
+def _arm_instruction_text(arm: Variant) -> str:
+    from .templates import resolve_instruction
+
+    if arm.instruction is None:
+        return arm.scorer.instruction or resolve_instruction(None)
+    if arm.instruction == DATA_INSTRUCTION:
+        return "each query's own instruction from the data (the reranker's where it gives none)"
+    return resolve_instruction(arm.instruction)
+
+
+def compare_instructions(
+    reranker: Scorer,
+    dataset: EvalDataset,
+    instructions: Sequence[str | None],
+    *,
+    baseline: str | None = None,
+    **options: Any,
+) -> ComparisonReport:
+    """Compare instructions on the same candidates (see :func:`compare`).
+
+    Args:
+        reranker: The engine.
+        dataset: From :func:`load_dataset`.
+        instructions: Template names, free text, ``None`` (the reranker's own instruction,
+            labelled ``default``), ``"data"`` (each query's own instruction from the data) or
+            ``"all"`` (the reranker's own, the data's own when it has one, and every template).
+        baseline: The baseline's label (a template name, ``"default"`` or the clipped free text;
+            default: the first instruction).
+        **options: Passed to :func:`compare`.
+
+    Example:
+        >>> report = compare_instructions(reranker, data, ["all"], baseline="default")  # doctest: +SKIP
+        >>> print(report.format())  # doctest: +SKIP
+    """
+    has_own = any(q.instruction for q in dataset.queries)
+    if DATA_INSTRUCTION in instructions and not has_own:
+        raise ValueError(f"dataset {dataset.name!r} gives no query an 'instruction': no 'data' arm")
+    expanded = instruction_arms(instructions, data=has_own)
+    arms = [Variant(instruction_label(i), reranker, i) for i in expanded]
+    return compare(arms, dataset, baseline=baseline, **options)
+
+
+def plot_comparison(report: ComparisonReport, path: str | Path, *, title: str | None = None) -> Path:
+    """Write a chart of a comparison: each arm's metrics, and its difference to the baseline with
+    the bootstrap interval on the primary metric (PNG, SVG or PDF by suffix).
+
+    Returns:
+        The written path.
+    """
+    require("matplotlib", "examples", "The evaluation chart (--plot)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.before)
+    labels = list(report.metrics)
+    fig, (left, right) = plt.subplots(
+        1,
+        2,
+        figsize=(1.2 * len(names) * max(1, len(labels)) / 2 + 6, 4.5),
+        gridspec_kw={"width_ratios": [3, 2]},
+    )
+    try:
+        width = 0.8 / len(labels)
+        for j, label in enumerate(labels):
+            xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
+            left.bar(xs, [report.metrics[label][n] for n in names], width, label=label)
+        left.set_xticks(list(range(len(names))), names)
+        left.set_ylim(0, 1.1)
+        left.set_ylabel("score")
+        left.legend(fontsize=7, loc="upper left")
+        others = [label for label in labels if label in report.differences]
+        ivs = [report.differences[label][PRIMARY_METRIC] for label in others]
+        ys = list(range(len(others)))
+        right.errorbar(
+            [iv.mean for iv in ivs],
+            ys,
+            xerr=[[iv.mean - iv.low for iv in ivs], [iv.high - iv.mean for iv in ivs]],
+            fmt="o",
+            capsize=4,
+        )
+        right.axvline(0, color="grey", lw=1)
+        right.set_yticks(ys, others)
+        right.set_ylim(-0.5, max(len(others), 1) - 0.5)
+        right.set_xlabel(f"Δ {PRIMARY_METRIC} vs {report.baseline} ({round(CONFIDENCE * 100)}% CI)")
+        fig.suptitle(
+            title or f"{report.dataset}: {len(labels)} arms, bootstrap {report.resamples} resamples",
+            fontsize=10,
+        )
         fig.tight_layout()
         out = Path(path)
         fig.savefig(out, dpi=120)

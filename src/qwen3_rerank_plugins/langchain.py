@@ -44,7 +44,7 @@ except ImportError:
 # langchain-core brings along).
 from pydantic import Field
 
-from ._adapters import EngineSettings, FallbackSetting, span_metadata
+from ._adapters import RERANKED_KEY, EngineSettings, FallbackSetting, span_metadata
 from .results import FallbackRerank, RerankResult
 
 __all__ = ["Qwen3CrossEncoder", "Qwen3RerankCompressor"]
@@ -59,6 +59,9 @@ def _reranked_copy(doc: Document, result: RerankResult, outcome: FallbackRerank 
     except Exception:  # metadata holding e.g. a client or a lock: copy the dict, share the values
         logger.debug("metadata of document %r cannot be deep-copied; copying it shallowly", doc.id)
         metadata = dict(doc.metadata)
+    if not result.reranked:  # an overloaded service, on_overload="keep_order": no score to give
+        metadata[RERANKED_KEY] = False
+        return doc.model_copy(update={"metadata": metadata})
     metadata["relevance_score"] = result.score
     metadata["relevance_band"] = result.band
     metadata.update(span_metadata(result))
@@ -80,6 +83,11 @@ class Qwen3RerankCompressor(FallbackSetting, BaseDocumentCompressor):
     cross-encoder and the LlamaIndex postprocessor built with the same model arguments share one
     loaded model; pass ``reranker=`` to use an engine you already have.
     :meth:`acompress_documents` runs the model in a worker thread and never blocks the event loop.
+
+    With ``base_url=`` the scoring runs on a rerank service and no torch is loaded in this
+    process; ``timeout`` bounds each call, and ``on_overload="keep_order"`` turns an overloaded
+    service into the retrieved documents in their input order, cut to ``top_n``, as copies with
+    ``metadata["reranked"] = False`` (and no ``relevance_score``), plus a WARNING in the log.
 
     Example:
         >>> from langchain_classic.retrievers import ContextualCompressionRetriever

@@ -43,7 +43,7 @@ except ImportError:
 
 # After the guard: without the extra, the ImportError above names it (not pydantic, which
 # llama-index-core brings along).
-from ._adapters import LOAD_FIELDS, FallbackSetting, span_metadata
+from ._adapters import LOAD_FIELDS, RERANKED_KEY, FallbackSetting, span_metadata
 from .results import RerankResult
 
 __all__ = ["Qwen3Rerank"]
@@ -72,6 +72,11 @@ class Qwen3Rerank(FallbackSetting, BaseNodePostprocessor):
 
     ``to_dict`` / ``to_json`` save the configuration without the model; ``from_dict`` loads it
     back through ``get_reranker`` (sharing the model if it is loaded already).
+
+    With ``base_url=`` the scoring runs on a rerank service and no torch is loaded in this
+    process; ``timeout`` bounds each call, and ``on_overload="keep_order"`` turns an overloaded
+    service into the retrieved nodes in their input order, cut to ``top_n``, each a copy with
+    ``metadata["reranked"] = False`` and the retriever's score, plus a WARNING in the log.
 
     Example:
         >>> from qwen3_rerank_plugins.llama_index import Qwen3Rerank
@@ -193,11 +198,15 @@ class Qwen3Rerank(FallbackSetting, BaseNodePostprocessor):
             yield finish
 
     def _reranked_node(self, original: NodeWithScore, result: RerankResult) -> NodeWithScore:
-        """A new ``NodeWithScore``; with ``keep_retrieval_score`` or a matching span its node is a copy."""
+        """A new ``NodeWithScore``; with ``keep_retrieval_score``, a matching span, or no reranking
+        (an overloaded service with ``on_overload="keep_order"``: the retriever's score is kept)
+        its node is a copy."""
         node = original.node
         added = span_metadata(result)
         if self.keep_retrieval_score:
             added[RETRIEVAL_SCORE_KEY] = original.score
+        if not result.reranked:
+            added[RERANKED_KEY] = False
         if added:
             node = node.model_copy(
                 update={
@@ -206,7 +215,7 @@ class Qwen3Rerank(FallbackSetting, BaseNodePostprocessor):
                     "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys, added),
                 }
             )
-        return NodeWithScore(node=node, score=result.score)
+        return NodeWithScore(node=node, score=result.score if result.reranked else original.score)
 
 
 def _query_text(query_bundle: QueryBundle | None) -> str:

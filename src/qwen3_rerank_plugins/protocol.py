@@ -15,7 +15,15 @@ from .results import ConfidenceBands, FallbackRerank, RerankResult
 from .templates import InstructionTemplate
 from .validation import Document
 
-__all__ = ["GroupScores", "LocalScorer", "ScoreGroup", "Scorer", "ScoringStopped", "StopCheck"]
+__all__ = [
+    "GroupScores",
+    "LocalScorer",
+    "ScoreGroup",
+    "Scorer",
+    "ScoringStopped",
+    "StopCheck",
+    "precision_name",
+]
 
 #: Asked between forward passes (or requests); once it returns ``True`` the backend stops and
 #: raises :class:`ScoringStopped`. The service's batcher passes one that is true when every
@@ -192,3 +200,10 @@ class LocalScorer(Scorer, Protocol):
         instruction: str | InstructionTemplate | None = None,
         **limits: Any,
     ) -> int: ...
+
+
+def precision_name(scorer: Any) -> str:
+    """How a local scorer's weights compute, for logs, ``/health`` and metrics: ``"int8"`` for an
+    int8-quantized model, else its dtype without the ``torch.`` prefix (``"bfloat16"``)."""
+    quantization = getattr(scorer, "quantization", None)
+    return str(quantization) if quantization else str(scorer.dtype).removeprefix("torch.")

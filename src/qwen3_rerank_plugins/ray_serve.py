@@ -1,13 +1,11 @@
-"""Serving on Ray Serve (extra ``[ray]``): replicas of the engine behind one HTTP endpoint.
+"""Serving on Ray Serve (extra ``[ray]``): replicas of the service behind one HTTP endpoint.
 
-Each replica loads the model once and answers the service's HTTP schema (``POST /v1/rerank``,
-also ``/rerank`` with text-embeddings-inference's ``texts`` and ``/v2/rerank``; ``POST /rank``
-with its ``fallback`` flag; ``GET /health``; ``GET /v1/models``), with requests read, checked and
-answered by the same code as ``qwen3-rerank serve`` (:mod:`qwen3_rerank_plugins.server.handlers`),
-so every client of the plain service works unchanged. Ray routes requests to the replicas;
-within a replica, concurrent requests are merged by ``@serve.batch`` into one engine call per
-instruction (merging is exact: the engine groups pairs by query and reuses each query's prefix
-cache).
+Each replica runs the same FastAPI app as ``qwen3-rerank serve`` (:func:`~qwen3_rerank_plugins.
+server.create_app`, mounted with ``serve.ingress``): every endpoint, limit, metric and error of the
+plain service, with its own :class:`~qwen3_rerank_plugins.server.MicroBatcher` merging that
+replica's concurrent requests into few engine calls (merging is exact). ``GET /health`` also names
+the replica that answered; ``GET /metrics`` is the answering replica's. Ray routes requests to
+the replicas.
 
 Replicas: one per GPU (``num_gpus_per_replica=1``, the default when CUDA is present), or N CPU
 replicas; fixed (``replicas=N``) or autoscaled between ``replicas`` and ``max_replicas`` on
@@ -27,36 +25,23 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import signal
 import threading
-import time
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from ._optional import require
 
 ray = require("ray", "ray", "Serving on Ray Serve")
 serve = require("ray.serve", "ray", "Serving on Ray Serve")
-require("starlette", "ray", "Serving on Ray Serve")
+require("fastapi", "ray", "Serving on Ray Serve")
 
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
-
-from .cache import DEFAULT_CACHE_TTL_S  # noqa: E402
+from .protocol import precision_name  # noqa: E402
 from .results import ConfidenceBands  # noqa: E402
-from .server.batcher import ScoredRequest, ScoreRequest, score_requests  # noqa: E402
-from .server.handlers import check_bearer, rank_response, read_json, rerank_response  # noqa: E402
-from .server.schemas import RequestError, error_body  # noqa: E402
-from .server_defaults import (  # noqa: E402
-    DEFAULT_BATCH_WAIT_MS,
-    DEFAULT_CACHE_SIZE,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_DOCUMENTS,
-    DEFAULT_RAY_MAX_BATCH_SIZE,
-)
+from .server import create_app  # noqa: E402
+from .server_defaults import ServiceConfig, api_key_from_env  # noqa: E402
 from .settings import DEFAULT_MAX_LENGTH  # noqa: E402
 from .validation import check_positive_int  # noqa: E402
 
@@ -65,148 +50,42 @@ __all__ = ["RerankDeployment", "app_builder", "build_app", "serve_ray"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_APP_NAME = "qwen3-rerank"
-_RERANK_PATHS = frozenset({"/v1/rerank", "/rerank", "/v2/rerank"})
+_SERVICE_OPTIONS = frozenset(f.name for f in fields(ServiceConfig))
 
 
 class RerankDeployment:
-    """One replica: a loaded engine answering the service's HTTP schema.
+    """One replica: the model loaded once, served by the plain service's FastAPI app.
 
-    Wrapped by ``serve.deployment`` in :func:`build_app`; not meant to be created directly.
+    Wrapped by ``serve.ingress`` and ``serve.deployment`` in :func:`build_app`; not meant to be
+    created directly.
 
     Args:
         model: Hub id or local directory (loaded with :func:`~qwen3_rerank_plugins.get_reranker`).
-        device, dtype, source, max_length, instruction: As for the engine.
-        bands: ``(high, medium)`` cut-offs of the ``/rank`` bands.
-        api_key: Require ``Authorization: Bearer <api_key>`` on scoring endpoints.
-        max_documents: Most documents per request (413 beyond).
-        max_body_bytes: Largest request body (413 beyond).
-        max_batch_size: Most requests ``@serve.batch`` merges into one engine call.
-        batch_wait_ms: How long a batch waits for more requests.
-        model_name: Name reported by the API (default: the model's).
+        config: The service's settings (the same for every replica).
+        **engine: Engine settings for :func:`~qwen3_rerank_plugins.get_reranker` (``device``,
+            ``dtype``, ``source``, ``max_length``, ``instruction``, ``long_documents``, ...).
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        source: str = "auto",
-        max_length: int = DEFAULT_MAX_LENGTH,
-        instruction: str | None = None,
-        bands: tuple[float, float] = (ConfidenceBands.high, ConfidenceBands.medium),
-        api_key: str | None = None,
-        max_documents: int = DEFAULT_MAX_DOCUMENTS,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_batch_size: int = DEFAULT_RAY_MAX_BATCH_SIZE,
-        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-        model_name: str | None = None,
-        cache_size: int = DEFAULT_CACHE_SIZE,
-        cache_url: str | None = None,
-        cache_ttl: float | None = DEFAULT_CACHE_TTL_S,
-    ) -> None:
-        from .cache import ScoreCache
+    def __init__(self, model: str, *, config: ServiceConfig | None = None, **engine: Any) -> None:
         from .registry import get_reranker
 
-        settings = {"instruction": instruction} if instruction is not None else {}
-        self.reranker = get_reranker(
-            model, device=device, dtype=dtype, source=source, max_length=max_length, **settings
-        )
-        if cache_size or cache_url is not None:
-            # Each replica its own in-process tier; a cache_url is shared by all of them.
-            self.reranker = self.reranker.with_cache(ScoreCache(cache_size, url=cache_url, ttl=cache_ttl))
-        self.bands = ConfidenceBands(*bands)
-        self.api_key = api_key
-        self.max_documents = max_documents
-        self.max_body_bytes = max_body_bytes
-        self.model_name = model_name or self.reranker.model_name
-        self.created = int(time.time())
-        self._score.set_max_batch_size(max_batch_size)
-        self._score.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        engine.setdefault("max_length", DEFAULT_MAX_LENGTH)
+        self.reranker = get_reranker(model, **engine)
+        self.config = config or ServiceConfig()
         self.replica = _replica_id()
         logger.info(
             "Replica %s serving %s on %s (%s)",
             self.replica,
-            self.model_name,
+            self.config.model_name or self.reranker.model_name,
             self.reranker.device,
-            str(self.reranker.dtype).removeprefix("torch."),
+            precision_name(self.reranker),
         )
 
-    # -- HTTP -----------------------------------------------------------------------------------
-
-    async def __call__(self, request: Request) -> JSONResponse:
-        """Route one HTTP request; every refusal is a JSON error with a 4xx/5xx status."""
-        try:
-            path, method = request.url.path.rstrip("/") or "/", request.method
-            if method == "GET" and path == "/health":
-                return JSONResponse(self._health())
-            if method == "GET" and path == "/v1/models":
-                self._check_auth(request)
-                return JSONResponse(self._models())
-            if method == "POST" and path in _RERANK_PATHS:
-                self._check_auth(request)
-                body = await read_json(request, self.max_body_bytes)
-                payload = await rerank_response(
-                    body,
-                    path=path,
-                    score=self._scored,
-                    max_documents=self.max_documents,
-                    model_name=self.model_name,
-                    default_instruction=self.reranker.instruction,
-                )
-                return JSONResponse(payload)
-            if method == "POST" and path == "/rank":
-                self._check_auth(request)
-                body = await read_json(request, self.max_body_bytes)
-                payload = await rank_response(
-                    body,
-                    score=self._scored,
-                    bands=self.bands,
-                    max_documents=self.max_documents,
-                    model_name=self.model_name,
-                    default_instruction=self.reranker.instruction,
-                )
-                return JSONResponse(payload)
-            raise RequestError(f"no endpoint {method} {path}", status_code=404, type="not_found")
-        except RequestError as exc:
-            body = error_body(exc.message, status_code=exc.status_code, param=exc.param, type=exc.type)
-            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers or None)
-
-    def _health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": self.model_name,
-            "device": str(self.reranker.device),
-            "dtype": str(self.reranker.dtype).removeprefix("torch."),
-            "replica": self.replica,
-        }
-
-    def _models(self) -> dict[str, Any]:
-        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "qwen"}
-        return {"object": "list", "data": [model]}
-
-    def _check_auth(self, request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), self.api_key)
-
-    async def _scored(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
-    ) -> tuple[list[float], int | None, list[tuple[int, int] | None] | None]:
-        outcome = await self._score(ScoreRequest(query, texts, instruction, count_tokens, **limits))
-        if isinstance(outcome, (ValueError, TypeError)):
-            raise RequestError(str(outcome), status_code=422, param=getattr(outcome, "param", None))
-        if isinstance(outcome, Exception):
-            logger.error("scoring failed: %s: %s", type(outcome).__name__, outcome)
-            raise RequestError(
-                f"scoring failed: {type(outcome).__name__}: {outcome}", status_code=500, type="internal_error"
-            )
-        return outcome.logits, outcome.total_tokens, outcome.spans
-
-    # -- batching -------------------------------------------------------------------------------
-
-    @serve.batch(max_batch_size=DEFAULT_RAY_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
-    async def _score(self, requests: list[ScoreRequest]) -> list[ScoredRequest | Exception]:
-        """Concurrent requests of this replica, merged into one engine call (across queries)."""
-        return await asyncio.to_thread(score_requests, self.reranker, requests)
+    def __serve_build_asgi_app__(self) -> Any:
+        """The replica's app (Ray Serve calls this after the constructor and runs its lifespan)."""
+        app = create_app(self.reranker, self.config)
+        app.state.service.replica = self.replica
+        return app
 
 
 def _replica_id() -> str:
@@ -241,6 +120,7 @@ def build_app(
     max_queued_requests: int | None = None,
     graceful_shutdown_timeout_s: float | None = None,
     access_log: bool = True,
+    config: ServiceConfig | None = None,
     **options: Any,
 ) -> Any:
     """The Ray Serve application: the deployment with its replicas, resources and autoscaling.
@@ -260,40 +140,51 @@ def build_app(
         graceful_shutdown_timeout_s: Seconds a stopping replica lets in-flight requests finish
             (default: Ray Serve's).
         access_log: Whether replicas log one line per request.
-        **options: :class:`RerankDeployment` arguments (``device``, ``dtype``, ``api_key``,
-            ``max_batch_size``, ``batch_wait_ms``, ``bands``, ...).
+        config: The service's settings (:class:`~qwen3_rerank_plugins.server_defaults.ServiceConfig`).
+        **options: Engine settings of :class:`RerankDeployment` (``device``, ``dtype``, ``source``,
+            ``max_length``, ``instruction``, ``long_documents``, ...), and service settings that
+            replace ``config``'s (``api_key``, ``max_documents``, ``max_batch_pairs``,
+            ``batch_wait_ms``, ``bands`` as a ``ConfidenceBands`` or ``(high, medium)``, ...).
 
     Returns:
         A ``ray.serve.Application`` for ``serve.run``.
 
     Raises:
-        ValueError: A replica count or resource out of range.
+        ValueError: A replica count, resource or service setting out of range.
+        TypeError: An unknown option.
     """
+    service = {name: options.pop(name) for name in list(options) if name in _SERVICE_OPTIONS}
+    if isinstance(service.get("bands"), (tuple, list)):
+        service["bands"] = ConfidenceBands(*service["bands"])
+    config = (config or ServiceConfig()).with_options(**service)
     resources = _resources(options.get("device", "auto"), num_cpus_per_replica, num_gpus_per_replica)
     if replicas is None:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
         replicas = max(1, int(gpus / resources["num_gpus"])) if resources["num_gpus"] and gpus else 1
     check_positive_int(replicas, "replicas")
-    config: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max_ongoing_requests}
+    ray_config: dict[str, Any] = {
+        "ray_actor_options": resources,
+        "max_ongoing_requests": max_ongoing_requests,
+    }
     if max_queued_requests is not None:
-        config["max_queued_requests"] = max_queued_requests
+        ray_config["max_queued_requests"] = max_queued_requests
     if graceful_shutdown_timeout_s is not None:
-        config["graceful_shutdown_timeout_s"] = graceful_shutdown_timeout_s
+        ray_config["graceful_shutdown_timeout_s"] = graceful_shutdown_timeout_s
     if not access_log:
-        config["logging_config"] = {"enable_access_log": False}
+        ray_config["logging_config"] = {"enable_access_log": False}
     if max_replicas is not None:
         if not isinstance(max_replicas, int) or max_replicas < replicas:
             raise ValueError(f"max_replicas must be an int >= replicas ({replicas}), got {max_replicas!r}")
-        config["autoscaling_config"] = {
+        ray_config["autoscaling_config"] = {
             "min_replicas": replicas,
             "initial_replicas": replicas,
             "max_replicas": max_replicas,
             "target_ongoing_requests": target_ongoing_requests,
         }
     else:
-        config["num_replicas"] = replicas
-    deployment = serve.deployment(RerankDeployment, name="Qwen3Reranker", **config)
-    return deployment.bind(model, **options)
+        ray_config["num_replicas"] = replicas
+    deployment = serve.deployment(serve.ingress()(RerankDeployment), name="Qwen3Reranker", **ray_config)
+    return deployment.bind(model, config=config, **options)
 
 
 def app_builder(args: Mapping[str, str]) -> Any:
@@ -301,8 +192,9 @@ def app_builder(args: Mapping[str, str]) -> Any:
 
     Keys: ``model`` (required), ``replicas``, ``max_replicas``, ``num_cpus_per_replica``,
     ``num_gpus_per_replica``, ``device``, ``dtype``, ``source``, ``max_length``, ``instruction``,
-    ``api_key`` (default: ``$QWEN3_RERANK_API_KEY``), ``max_documents``, ``max_batch_size``,
-    ``batch_wait_ms``, ``max_queued_requests``, ``graceful_shutdown_timeout_s``.
+    ``api_key`` (default: ``$QWEN3_RERANK_API_KEY``), ``max_documents``, ``max_body_bytes``,
+    ``body_timeout``, ``max_request_tokens``, ``max_batch_pairs``, ``batch_wait_ms``,
+    ``max_queue``, ``model_name``, ``max_queued_requests``, ``graceful_shutdown_timeout_s``.
 
     Example:
         ``serve run qwen3_rerank_plugins.ray_serve:app_builder model=Qwen/Qwen3-Reranker-0.6B replicas=2``
@@ -315,8 +207,12 @@ def app_builder(args: Mapping[str, str]) -> Any:
         "max_replicas",
         "max_length",
         "max_documents",
-        "max_batch_size",
+        "max_body_bytes",
+        "max_request_tokens",
+        "max_batch_pairs",
+        "max_queue",
         "max_queued_requests",
+        "cache_size",
     )
     floats = (
         "num_cpus_per_replica",
@@ -324,6 +220,8 @@ def app_builder(args: Mapping[str, str]) -> Any:
         "batch_wait_ms",
         "target_ongoing_requests",
         "graceful_shutdown_timeout_s",
+        "body_timeout",
+        "cache_ttl",
     )
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
@@ -332,7 +230,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
         except ValueError:
             kind = "an integer" if key in ints else "a number"
             raise ValueError(f"{key} must be {kind}, got {value!r}") from None
-    kwargs.setdefault("api_key", os.environ.get("QWEN3_RERANK_API_KEY") or None)
+    kwargs.setdefault("api_key", api_key_from_env())
     return build_app(kwargs.pop("model"), **kwargs)
 
 

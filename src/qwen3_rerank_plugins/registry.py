@@ -3,7 +3,8 @@
 The weights are shared more widely still: calls that differ only in scoring settings get
 distinct rerankers over one loaded model, so a LlamaIndex postprocessor and a LangChain
 compressor in one process load the model once. With ``base_url`` the reranker is a
-:class:`~qwen3_rerank_plugins.remote.RemoteReranker` over a shared connection pool.
+:class:`~qwen3_rerank_plugins.remote.RemoteReranker` over a shared connection pool, and torch is
+never imported: the engine and the device helpers are imported only when a local model is asked for.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .device import resolve_device, resolve_dtype
-from .engine import Reranker
 from .protocol import Scorer
-from .settings import RerankerSettings
+from .settings import DEFAULT_MODEL, RerankerSettings
 
 if TYPE_CHECKING:
+    import torch
+
+    from .engine import Reranker
     from .remote import RemoteReranker
 
 __all__ = ["clear_reranker_cache", "get_reranker", "loaded_with"]
@@ -47,7 +47,7 @@ _loading_locks: dict[_Weights, threading.Lock] = {}
 
 
 def get_reranker(
-    model_name_or_path: str | os.PathLike[str] = "Qwen/Qwen3-Reranker-0.6B",
+    model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
@@ -57,6 +57,8 @@ def get_reranker(
     attn_implementation: str | None = "sdpa",
     base_url: str | None = None,
     api_key: str | None = None,
+    timeout: float | None = None,
+    on_overload: str = "raise",
     **settings: Any,
 ) -> Reranker | RemoteReranker:
     """A process-wide shared :class:`~qwen3_rerank_plugins.Reranker`: the same arguments give the same object.
@@ -77,6 +79,10 @@ def get_reranker(
             loading arguments are then ignored. For vLLM build
             ``RemoteReranker(url, model=..., prompt_format="vllm")`` instead.
         api_key: Bearer key of that service.
+        timeout: Seconds one call to that service may take, retries included (``None``: the
+            client's default, 60 s).
+        on_overload: ``"raise"`` or ``"keep_order"`` when that service is overloaded (see
+            :class:`~qwen3_rerank_plugins.remote.RemoteReranker`).
         **settings: Scoring settings as for :class:`Reranker` (for a remote reranker: those a
             client can choose, such as ``instruction`` and ``bands``).
 
@@ -85,10 +91,15 @@ def get_reranker(
         >>> remote = get_reranker(base_url="http://rerank:8000")  # doctest: +SKIP
     """
     if base_url is not None:
-        return _get_remote(base_url, api_key, settings)
+        return _get_remote(base_url, api_key, settings, timeout=timeout, on_overload=on_overload)
+    if timeout is not None or on_overload != "raise":
+        raise TypeError("timeout and on_overload apply to a remote service: pass base_url= too")
+    from .device import resolve_device, resolve_precision  # torch: only for a local model
+    from .engine import Reranker
+
     checked = RerankerSettings.from_kwargs(**settings)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision = resolve_precision(dtype, torch_device)
     name = os.fspath(model_name_or_path)
     local = Path(name).expanduser()
     if local.is_dir():
@@ -96,7 +107,7 @@ def get_reranker(
     weights = _Weights(
         name,
         str(torch_device),
-        str(torch_dtype).removeprefix("torch."),
+        precision.name,
         source,
         revision,
         None if cache_dir is None else os.fspath(cache_dir),
@@ -120,7 +131,7 @@ def get_reranker(
             reranker = Reranker.from_pretrained(
                 model_name_or_path,
                 device=torch_device,
-                dtype=torch_dtype,
+                dtype=precision.quantization or precision.dtype,
                 source=source,
                 revision=revision,
                 cache_dir=cache_dir,
@@ -134,14 +145,20 @@ def get_reranker(
             return _rerankers.setdefault(key, reranker)  # type: ignore[return-value]
 
 
-def _get_remote(base_url: str, api_key: str | None, settings: dict[str, Any]) -> RemoteReranker:
+def _get_remote(
+    base_url: str, api_key: str | None, settings: dict[str, Any], *, timeout: float | None, on_overload: str
+) -> RemoteReranker:
     from .remote import RemoteReranker  # its HTTP client needs the [server] extra
 
-    connection = ("remote", base_url.rstrip("/"), api_key)
+    connection = ("remote", base_url.rstrip("/"), api_key, timeout, on_overload)
+    options: dict[str, Any] = {"on_overload": on_overload}
+    if timeout is not None:
+        options["timeout"] = timeout
     with _registry_lock:
         base = _rerankers.get((connection, RerankerSettings()))
         if base is None:
-            base = _rerankers[(connection, RerankerSettings())] = RemoteReranker(base_url, api_key=api_key)
+            base = RemoteReranker(base_url, api_key=api_key, **options)
+            _rerankers[(connection, RerankerSettings())] = base
     # with_settings names any setting that belongs to the server's model.
     view = base.with_settings(**settings) if settings else base
     with _registry_lock:

@@ -11,9 +11,21 @@ Qwen3-Reranker with ``prompt_format="vllm"``. What needs the tokenizer (``prompt
 :class:`~qwen3_rerank_plugins.client.RerankClient`: timeouts, retries with backoff, long lists
 split into several requests and merged in input order.
 
-Scores are the server's: the same as the local engine's for this project's service. The log-odds
-of each result are recovered from the probability the server returns (exact to about 1e-9 for
-``|logit| < 30``; a probability of exactly 0 or 1 gives an infinite log-odds).
+Scores are the server's: the same as the local engine's for this project's service, which is
+asked for the log-odds themselves (``raw_scores``). Every per-request option the service accepts
+is passed on: ``max_doc_tokens`` (``max_tokens_per_doc``), ``max_query_tokens``
+(``max_tokens_per_query``) and long-document windows (``long_documents`` with ``max_windows``:
+``max_chunks_per_doc``; the best window's span comes back in each result). With
+``prompt_format="vllm"`` the log-odds are recovered from the probability vLLM returns (exact to
+about 1e-9 for ``|logit| < 30``) and no cap can be sent.
+
+Overload: ``timeout`` bounds each call, retries included; with ``on_overload="keep_order"`` a
+service that is overloaded (503 / 429, or no answer in time) makes :meth:`RemoteReranker.rerank`
+return the documents in input order, cut to ``top_n``, with ``reranked=False`` and NaN scores,
+and log a WARNING, instead of raising.
+
+This module, the client and :func:`~qwen3_rerank_plugins.get_reranker` with ``base_url`` import
+no torch: a thin client process needs only the ``[server]`` extra's httpx.
 
 Example:
     >>> from qwen3_rerank_plugins.remote import RemoteReranker
@@ -27,8 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from .client import (
@@ -41,11 +54,12 @@ from .client import (
     RerankHit,
     RerankServiceError,
     RetryPolicy,
+    check_on_overload,
 )
 from .protocol import GroupScores, ScoreGroup, ScoringStopped, StopCheck
-from .results import ConfidenceBands, log_odds
+from .results import ConfidenceBands, RerankResult, log_odds
 from .scoring import BaseReranker
-from .settings import RerankerSettings
+from .settings import DEFAULT_MAX_WINDOWS, RerankerSettings
 from .templates import (
     DEFAULT_INSTRUCTION,
     PROMPT_PREFIX,
@@ -55,6 +69,7 @@ from .templates import (
     format_head,
     resolve_instruction,
 )
+from .validation import Document, check_top_n, document_texts
 
 __all__ = ["PromptFormat", "RemoteReranker"]
 
@@ -65,8 +80,10 @@ logger = logging.getLogger(__name__)
 #: formatted texts (vLLM serving the original checkpoints, which reads no instruction field).
 PromptFormat = Literal["server", "vllm"]
 _PROMPT_FORMATS = ("server", "vllm")
-# The settings a client chooses; every other one belongs to the server's model.
-_CLIENT_SETTINGS = ("instruction", "bands")
+# The settings a client chooses (the service takes the caps per request); every other one
+# belongs to the server's model.
+_CAP_SETTINGS = ("max_query_tokens", "max_doc_tokens", "long_documents", "max_windows")
+_CLIENT_SETTINGS = ("instruction", "bands", *_CAP_SETTINGS)
 _SERVER_SETTINGS = tuple(n for n in RerankerSettings.names() if n not in (*_CLIENT_SETTINGS, "show_progress"))
 
 
@@ -192,11 +209,22 @@ class RemoteReranker(BaseReranker):
         bands: Cut-offs of the high / medium / low band of each result.
         prompt_format: ``"server"`` (this project's service) or ``"vllm"`` (vLLM serving the
             original Qwen3-Reranker checkpoints: the template is applied here).
-        timeout: Seconds to wait for each answer.
+        max_query_tokens: Cut the instruction + query to this many tokens (sent as
+            ``max_tokens_per_query``; ``None``: the service's setting).
+        max_doc_tokens: Cut each document to this many tokens (``max_tokens_per_doc``).
+        long_documents: Read a document longer than the service's budget in up to
+            ``max_windows`` windows and score it by the best (``max_chunks_per_doc``); ``False``:
+            the service's setting.
+        max_windows: Most windows per long document.
+        timeout: Seconds one call may take, retries and their waits included.
         connect_timeout: Seconds to open a connection.
-        retry: Retry policy for connection errors, 5xx and 429 (default: 3 retries with backoff).
+        retry: Retry policy for connection errors, 5xx and 429 (default: 3 retries with backoff;
+            ``Retry-After`` honoured, never past ``timeout``).
         batch_size: Most documents per request; longer lists are split and merged in input order.
         max_concurrency: Most requests of one call in flight at once (spread over replicas).
+        on_overload: ``"raise"`` (default) or ``"keep_order"``: when the service is overloaded,
+            :meth:`rerank` / :meth:`arerank` return the documents in input order, cut to
+            ``top_n``, unscored (``reranked=False``), and log a WARNING.
 
     Raises:
         ValueError: A malformed ``base_url``, ``prompt_format`` or setting.
@@ -213,15 +241,31 @@ class RemoteReranker(BaseReranker):
         instruction: str | InstructionTemplate | None = None,
         bands: ConfidenceBands | None = None,
         prompt_format: PromptFormat = "server",
+        max_query_tokens: int | None = None,
+        max_doc_tokens: int | None = None,
+        long_documents: bool = False,
+        max_windows: int = DEFAULT_MAX_WINDOWS,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retry: RetryPolicy | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        on_overload: Literal["raise", "keep_order"] = "raise",
     ) -> None:
         if prompt_format not in _PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {_PROMPT_FORMATS}, got {prompt_format!r}")
-        self._settings = RerankerSettings(instruction=instruction, bands=bands)
+        self.prompt_format: PromptFormat = prompt_format
+        self.on_overload = check_on_overload(on_overload)
+        self._settings = self._check_settings(
+            RerankerSettings(
+                instruction=instruction,
+                bands=bands,
+                max_query_tokens=max_query_tokens,
+                max_doc_tokens=max_doc_tokens,
+                long_documents=long_documents,
+                max_windows=max_windows,
+            )
+        )
         options = {
             "api_key": api_key,
             "timeout": timeout,
@@ -233,12 +277,22 @@ class RemoteReranker(BaseReranker):
         }
         self._conn = _Connection(base_url, options)
         self._model = model
-        self.prompt_format: PromptFormat = prompt_format
 
     # -- settings and introspection -----------------------------------------------------------
 
+    def _check_settings(self, settings: RerankerSettings) -> RerankerSettings:
+        if self.prompt_format == "vllm" and self._caps(settings, ScoreGroup("", ())):
+            raise ValueError(
+                "max_query_tokens, max_doc_tokens and long_documents cannot be sent to vLLM "
+                "(prompt_format='vllm'); set its --max-model-len or truncate_prompt_tokens there"
+            )
+        return settings
+
     def with_settings(self, **settings: Any) -> RemoteReranker:
-        """A view with another ``instruction`` or ``bands`` that shares this one's connection pool.
+        """A view with other client settings that shares this one's connection pool.
+
+        The client settings are ``instruction``, ``bands`` and the per-request caps
+        (``max_query_tokens``, ``max_doc_tokens``, ``long_documents``, ``max_windows``).
 
         Raises:
             TypeError: A setting of the server's model (``max_length``, ``batch_tokens``, ...):
@@ -349,20 +403,46 @@ class RemoteReranker(BaseReranker):
 
     # -- internals ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _caps(settings: RerankerSettings, group: ScoreGroup) -> dict[str, int]:
+        """The service's request fields for the caps of ``group``, else of ``settings``."""
+
+        def pick(own: Any, default: Any) -> Any:
+            return own if own is not None else default
+
+        caps = {
+            "max_tokens_per_doc": pick(group.max_doc_tokens, settings.max_doc_tokens),
+            "max_tokens_per_query": pick(group.max_query_tokens, settings.max_query_tokens),
+        }
+        if pick(group.long_documents, settings.long_documents):
+            caps["max_chunks_per_doc"] = pick(group.max_windows, settings.max_windows)
+        return {name: value for name, value in caps.items() if value is not None}
+
     def _request(self, group: ScoreGroup) -> dict[str, Any]:
         """The client call for one group."""
+        caps = self._caps(self._settings, group)
         if self.prompt_format == "vllm":
+            if caps:
+                raise ValueError(f"{', '.join(sorted(caps))} cannot be sent to vLLM (prompt_format='vllm')")
             # The model card's prompt, split where the document begins (a token boundary), so the
             # server's pair tokenisation gives the very ids of the whole prompt.
             head = PROMPT_PREFIX + format_head(group.instruction or DEFAULT_INSTRUCTION, group.query)
             return {"query": head, "documents": [format_document(t) + PROMPT_SUFFIX for t in group.texts]}
         # Names were resolved here, so templates registered in this process work remotely.
-        return {"query": group.query, "documents": list(group.texts), "instruction": group.instruction}
+        return {
+            "query": group.query,
+            "documents": list(group.texts),
+            "instruction": group.instruction,
+            "raw_scores": True,  # the log-odds themselves, not rebuilt from probabilities
+            **caps,
+        }
 
     def _scores(self, hits: list[RerankHit], n: int) -> GroupScores:
         scores: list[float | None] = [None] * n
+        spans: list[tuple[int, int] | None] = [None] * n
         for hit in hits:
             scores[hit.index] = hit.relevance_score
+            spans[hit.index] = hit.span
         missing = [i for i, s in enumerate(scores) if s is None]
         if missing or len(hits) != n:
             raise RerankServiceError(
@@ -370,4 +450,66 @@ class RemoteReranker(BaseReranker):
                 f"(none for documents {missing[:10]})",
                 type="invalid_response",
             )
-        return GroupScores([log_odds(float(s)) for s in scores if s is not None])
+        raw = self.prompt_format == "server"
+        logits = [float(s) if raw else log_odds(float(s)) for s in scores if s is not None]
+        return GroupScores(logits, spans=spans if any(span is not None for span in spans) else None)
+
+    # -- overload: keep the input order -------------------------------------------------------
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[RerankResult]:
+        """As :meth:`Reranker.rerank <qwen3_rerank_plugins.Reranker.rerank>`, over the service.
+
+        With ``on_overload="keep_order"`` an overloaded service gives the documents in input
+        order, cut to ``top_n``, unscored (``reranked=False``, NaN scores), and a WARNING.
+        """
+        try:
+            return super().rerank(
+                query, documents, top_n, threshold, instruction, show_progress=show_progress
+            )
+        except RerankServiceError as exc:
+            return self._kept_order(exc, documents, top_n)
+
+    async def arerank(
+        self,
+        query: str,
+        documents: Sequence[Document],
+        top_n: int | None = None,
+        threshold: float | None = None,
+        instruction: str | InstructionTemplate | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[RerankResult]:
+        """:meth:`rerank` over the loop's pooled async client."""
+        try:
+            return await super().arerank(
+                query, documents, top_n, threshold, instruction, show_progress=show_progress
+            )
+        except RerankServiceError as exc:
+            return self._kept_order(exc, documents, top_n)
+
+    def _kept_order(
+        self, exc: RerankServiceError, documents: Sequence[Document], top_n: int | None
+    ) -> list[RerankResult]:
+        if self.on_overload != "keep_order" or not exc.overloaded:
+            raise exc
+        document_texts(documents)
+        keep = list(documents) if top_n is None else list(documents)[: check_top_n(top_n)]
+        logger.warning(
+            "the rerank service at %s is overloaded (%s); keeping the input order of %d documents",
+            self.base_url,
+            exc,
+            len(documents),
+        )
+        return [
+            RerankResult(index=i, score=math.nan, logit=math.nan, document=doc, reranked=False)
+            for i, doc in enumerate(keep)
+        ]

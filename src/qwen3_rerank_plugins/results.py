@@ -92,6 +92,9 @@ class RerankResult:
         span: ``(start, end)`` character offsets, in the document's text, of the part that gave the
             score: the best window of a long document read in windows, else ``None`` (the whole
             text, or what fits of it, was read as the model card reads it).
+        reranked: ``False`` when the document was not scored at all: a remote service was
+            overloaded and ``on_overload="keep_order"`` kept the input order (``score`` and
+            ``logit`` are then NaN).
     """
 
     index: int
@@ -100,6 +103,7 @@ class RerankResult:
     document: Any = field(repr=False)
     band: Band = "low"
     span: tuple[int, int] | None = None
+    reranked: bool = True
 
     @property
     def text(self) -> str:

@@ -20,11 +20,14 @@ __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_WINDOWS",
+    "DEFAULT_MODEL",
     "DEFAULT_WINDOW_OVERLAP",
     "RerankerSettings",
 ]
 
 #: The model card's prompt budget (the model's context is 32k).
+#: The model loaded when none is named (library, adapters, CLI and service).
+DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_MAX_BATCH_SIZE = 128
 #: Long-document mode: most windows read per document, and tokens shared by neighbouring windows.

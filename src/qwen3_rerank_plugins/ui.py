@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._optional import require
-from .protocol import Scorer
+from .protocol import Scorer, precision_name
 from .results import ConfidenceBands, RerankResult
 from .templates import list_instruction_templates, resolve_instruction
 
@@ -143,7 +143,7 @@ def rank_for_ui(
     used = resolve_instruction(instruction, reranker.instruction)
     status = (
         f"Ranked **{len(docs)}** documents in **{seconds * 1000:.1f} ms** "
-        f"· {reranker.model_name} on {reranker.device} ({str(reranker.dtype).removeprefix('torch.')})"
+        f"· {reranker.model_name} on {reranker.device} ({precision_name(reranker)})"
         f"\n\nInstruction: *{used}*"
     )
     return UIRanking(

@@ -22,6 +22,7 @@ __all__ = [
     "check_top_n",
     "document_text",
     "document_texts",
+    "json_type",
     "pair_texts",
 ]
 
@@ -40,18 +41,66 @@ def check_query(query: Any, name: str = "query") -> str:
     return query
 
 
-def document_text(doc: Any, label: str) -> str:
-    """The text of one document (a string, or a mapping with a ``"text"`` string)."""
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (``"number"``, ``"object"``, ...), for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def document_text(doc: Any, label: str, *, wire: bool = False) -> str:
+    """The text of one document: a string, or a mapping with a ``"text"`` string.
+
+    The one document rule, used by the engine, the client, the batch job, evaluate and the HTTP
+    service. Empty text is accepted: the model card's recipe scores an empty document like any
+    other (a low score), so refusing it would only break a batch over one blank record. The
+    exception raised names the offending field in its ``param`` attribute (``label``, or the
+    document's ``text``).
+
+    Args:
+        doc: The document.
+        label: How messages name it (``"documents[3]"``).
+        wire: Word the errors as a JSON API does (``object``, ``string``, ``number``;
+            ``documents[3].text``) rather than in Python's terms.
+
+    Raises:
+        ValueError: A mapping without ``"text"``.
+        TypeError: Neither a string nor a mapping, or a ``"text"`` that is not a string.
+    """
     if isinstance(doc, str):
         return doc
+    kind = json_type if wire else (lambda value: type(value).__name__)
+    text_field = f"{label}.text" if wire else f"{label}['text']"
     if isinstance(doc, Mapping):
         if "text" not in doc:
-            raise ValueError(f"{label} is a mapping without a 'text' key (keys: {sorted(map(str, doc))})")
+            if wire:
+                raise _naming(ValueError(f"{label} is an object without a 'text' field"), f"{label}.text")
+            keys = sorted(map(str, doc))
+            raise _naming(ValueError(f"{label} is a mapping without a 'text' key (keys: {keys})"), text_field)
         text = doc["text"]
         if not isinstance(text, str):
-            raise TypeError(f"{label}['text'] must be a str, got {type(text).__name__}")
+            what = "a string" if wire else "a str"
+            raise _naming(TypeError(f"{text_field} must be {what}, got {kind(text)}"), text_field)
         return text
-    raise TypeError(f"{label} must be a str or a mapping with a 'text' key, got {type(doc).__name__}")
+    expected = (
+        "a string or an object with a 'text' string" if wire else "a str or a mapping with a 'text' key"
+    )
+    raise _naming(TypeError(f"{label} must be {expected}, got {kind(doc)}"), label)
+
+
+def _naming(exc: Exception, param: str) -> Exception:
+    exc.param = param  # type: ignore[attr-defined]
+    return exc
 
 
 def document_texts(documents: Any) -> list[str]:

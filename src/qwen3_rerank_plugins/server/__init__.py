@@ -19,10 +19,18 @@ from .._optional import require
 require("fastapi", "server", "The HTTP rerank service")
 require("prometheus_client", "server", "The HTTP rerank service")
 
-from .app import DEFAULT_MAX_BODY_BYTES, ServiceState, create_app  # noqa: E402
+from ..server_defaults import (  # noqa: E402
+    DEFAULT_GRACEFUL_TIMEOUT_S,
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PORT,
+    ServiceConfig,
+)
+from .app import create_app  # noqa: E402
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest  # noqa: E402
 from .metrics import ServiceMetrics  # noqa: E402
 from .schemas import RequestError  # noqa: E402
+from .service import RerankService  # noqa: E402
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -30,9 +38,10 @@ __all__ = [
     "MicroBatcher",
     "QueueFullError",
     "RequestError",
+    "RerankService",
     "ScoredRequest",
+    "ServiceConfig",
     "ServiceMetrics",
-    "ServiceState",
     "create_app",
     "serve",
 ]
@@ -40,10 +49,11 @@ __all__ = [
 
 def serve(
     reranker_or_factory: Any,
+    config: ServiceConfig | None = None,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    graceful_timeout: float | None = 30.0,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    graceful_timeout: float | None = DEFAULT_GRACEFUL_TIMEOUT_S,
     access_log: bool = True,
     **app_options: Any,
 ) -> None:
@@ -59,9 +69,11 @@ def serve(
         port: TCP port.
         graceful_timeout: Seconds to wait for in-flight requests on shutdown (``None``: no limit).
         access_log: Log one line per request.
-        **app_options: Passed to :func:`create_app` (``api_key``, ``max_documents``,
-            ``body_timeout``, ``max_request_tokens``, ...). uvicorn itself has no limit on how
-            long a body may take; the app's ``body_timeout`` is that limit.
+        config: The service's settings (:class:`ServiceConfig`; default: its defaults).
+        **app_options: Settings that replace ``config``'s, as for :func:`create_app`
+            (``api_key``, ``max_documents``, ``body_timeout``, ``max_request_tokens``, ...).
+            uvicorn itself has no limit on how long a body may take; the app's
+            ``body_timeout`` is that limit.
 
     Raises:
         OSError: The address cannot be listened on (in use, not this machine's, ...); raised
@@ -78,7 +90,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(reranker_or_factory, on_load_error=stop_on_load_error, **app_options)
+    app = create_app(reranker_or_factory, config, on_load_error=stop_on_load_error, **app_options)
     config = uvicorn.Config(
         app,
         host=host,

@@ -16,69 +16,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ..protocol import LocalScorer, Scorer
-from ..results import ConfidenceBands
-from ..server_defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_TOKENS
-from ..validation import InputTooLongError
-from .batcher import BatcherClosedError, MicroBatcher, QueueFullError
-from .handlers import ScoreFn, check_bearer, rank_response, read_json, rerank_response
+from ..server_defaults import ServiceConfig
+from .handlers import rank_response, rerank_response, too_large
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from .openapi import build_openapi
-from .schemas import RequestError, error_body
+from .responses import (
+    ERROR_DESCRIPTIONS,
+    ErrorResponse,
+    HealthDown,
+    HealthOk,
+    ModelList,
+    RankResponse,
+    RerankResponse,
+    TeiRerankResult,
+)
+from .schemas import (
+    INVALID_REQUEST,
+    RankRequest,
+    RequestError,
+    RerankRequest,
+    TeiRerankRequest,
+    check_document_count,
+    error_body,
+    parse_json_body,
+)
+from .service import CLIENT_CLOSED, RerankService
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "create_app"]
+__all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 _RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
 _KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics", "/v1/cache/clear"})
-_RETRY_AFTER_LOADING = "5"
-_RETRY_AFTER_BUSY = "1"
-_CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
-
-
-class ServiceState:
-    """What one app knows at run time: the model (once loaded), the batcher and the metrics."""
-
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        self.metrics = metrics
-        self.reranker: Any = None
-        self.batcher: MicroBatcher | None = None
-        self.model_name: str | None = None
-        self.load_error: str | None = None
-        self.created = int(time.time())
-
-    @property
-    def ready(self) -> bool:
-        return self.batcher is not None
 
 
 def create_app(
     reranker_or_factory: Any,
+    config: ServiceConfig | None = None,
     *,
-    api_key: str | None = None,
-    max_documents: int = 1000,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    bands: ConfidenceBands | None = None,
-    batch_wait_ms: float = 2.0,
-    max_batch_pairs: int = 256,
-    max_queue: int = 1024,
-    model_name: str | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
-    body_timeout: float | None = DEFAULT_BODY_TIMEOUT_S,
-    max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS,
+    **options: Any,
 ) -> FastAPI:
     """Build the rerank service around a loaded reranker or a function that loads one.
 
@@ -86,109 +76,36 @@ def create_app(
         reranker_or_factory: A loaded :class:`~qwen3_rerank_plugins.Reranker`, or a
             zero-argument callable returning one. A callable runs in a worker thread when the app
             starts, so the server answers ``/health`` (503) while the model loads.
-        api_key: When set, every endpoint except ``/health`` and ``/metrics`` requires
-            ``Authorization: Bearer <api_key>`` and answers 401 otherwise.
-        max_documents: Most documents per request; more is answered with 413.
-        max_body_bytes: Largest request body; larger is answered with 413.
-        bands: Score cut-offs for the ``band`` of ``/rank`` results (default 0.85 / 0.70).
-        batch_wait_ms: How long an idle batcher waits for concurrent requests to merge.
-        max_batch_pairs: Most (query, document) pairs merged into one engine call.
-        max_queue: Most requests waiting to be scored; beyond it the service answers 503 with
-            ``Retry-After``.
-        model_name: Name reported in responses and ``/v1/models`` (default: the model's name).
+        config: The service's settings (default: :class:`ServiceConfig`'s defaults).
         on_load_error: Called with the exception if loading the model fails (the command line
             uses it to stop the server with an error).
-        body_timeout: Seconds a request's body may take to arrive once its headers have; a
-            slower or stalled upload is answered 408 and its connection closed (``None``: wait
-            for ever).
-        max_request_tokens: Most prompt tokens one request may make the model read (template
-            included, after truncation, summed over its documents); more is answered with 413
-            before anything is queued (``None``: no limit beyond ``max_documents``).
+        **options: Settings that replace ``config``'s, by :class:`ServiceConfig` field name
+            (``api_key``, ``max_documents``, ``max_body_bytes``, ``body_timeout``,
+            ``max_request_tokens``, ``bands``, ``batch_wait_ms``, ``max_batch_pairs``,
+            ``max_queue``, ``model_name``).
 
     Returns:
-        The FastAPI application; its :class:`ServiceState` is ``app.state.service``.
+        The FastAPI application; its :class:`~.service.RerankService` is ``app.state.service``.
+
+    Raises:
+        ValueError, TypeError: A setting out of range, or an unknown one.
 
     Example:
         >>> from qwen3_rerank_plugins import get_reranker
         >>> app = create_app(lambda: get_reranker("Qwen/Qwen3-Reranker-0.6B"))  # doctest: +SKIP
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
-    if isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1:
-        raise ValueError(f"max_documents must be a positive int, got {max_documents!r}")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
-    if api_key is not None and not api_key.strip():
-        raise ValueError("api_key must not be empty; pass None to disable authentication")
-    if body_timeout is not None and (
-        isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0
-    ):
-        raise ValueError(f"body_timeout must be a positive number of seconds or None, got {body_timeout!r}")
-    tokens_cap = max_request_tokens
-    if tokens_cap is not None and (
-        isinstance(tokens_cap, bool) or not isinstance(tokens_cap, int) or tokens_cap < 1
-    ):
-        raise ValueError(f"max_request_tokens must be a positive int or None, got {max_request_tokens!r}")
-    bands = bands or ConfidenceBands()
-    if not isinstance(bands, ConfidenceBands):
-        raise TypeError(f"bands must be a ConfidenceBands, got {type(bands).__name__}")
-    # Validated here so that a bad setting fails at start-up, not at the first request.
-    MicroBatcher(None, max_wait_ms=batch_wait_ms, max_batch_pairs=max_batch_pairs, max_queue=max_queue)
-
-    metrics = ServiceMetrics()
-    state = ServiceState(metrics)
-    loaded = reranker_or_factory if hasattr(reranker_or_factory, "score_pairs") else None
-    if loaded is None and not callable(reranker_or_factory):
-        raise TypeError("create_app needs a Reranker or a zero-argument callable that returns one")
-    if loaded is not None:
-        _check_servable(loaded)
-
-    async def activate(reranker: Any) -> None:
-        batcher = MicroBatcher(
-            reranker,
-            max_wait_ms=batch_wait_ms,
-            max_batch_pairs=max_batch_pairs,
-            max_queue=max_queue,
-            observer=metrics.observe_batch,
-        )
-        await batcher.start()
-        state.reranker = reranker
-        state.model_name = model_name or reranker.model_name
-        device, dtype = str(reranker.device), str(reranker.dtype).removeprefix("torch.")
-        metrics.model_info.labels(state.model_name, device, dtype).set(1)
-        metrics.queue_depth.set_function(lambda: batcher.pending)
-        metrics.model_loaded.set(1)
-        if reranker.cache is not None:
-            metrics.watch_cache(reranker.cache.stats)
-        state.batcher = batcher
-        logger.info("Serving %s on %s (%s)", state.model_name, device, dtype)
-
-    async def load_in_background() -> None:
-        try:
-            reranker = await _call_in_daemon_thread(reranker_or_factory)
-            _check_servable(reranker)
-            await activate(reranker)
-        except Exception as exc:
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            logger.error("Could not load the model: %s", state.load_error)
-            if on_load_error is not None:
-                on_load_error(exc)
+    config = (config or ServiceConfig()).with_options(**options) if options else (config or ServiceConfig())
+    service = RerankService(reranker_or_factory, config, on_load_error=on_load_error)
+    metrics = service.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader: asyncio.Task[None] | None = None
-        if loaded is not None:
-            await activate(loaded)
-        else:
-            loader = asyncio.create_task(load_in_background(), name="qwen3-rerank-load")
+        await service.start()
         try:
             yield
         finally:
-            if loader is not None and not loader.done():
-                loader.cancel()
-            if state.batcher is not None:
-                # uvicorn has already waited for in-flight requests; finish whatever is queued.
-                await state.batcher.close()
-                logger.info("Batcher drained; shutting down")
+            await service.close()
 
     app = FastAPI(
         title="Qwen3-Reranker service",
@@ -196,14 +113,19 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.service = state
-    if body_timeout is not None:
-        app.add_middleware(_BodyTimeoutMiddleware, timeout=float(body_timeout))
+    app.state.service = service
+    app.add_middleware(_BodyLimitMiddleware, limit=config.max_body_bytes)
+    if config.body_timeout is not None:
+        app.add_middleware(_BodyTimeoutMiddleware, timeout=float(config.body_timeout))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts the 408s too
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -213,144 +135,105 @@ def create_app(
             headers=getattr(exc, "headers", None),
         )
 
-    def check_auth(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), api_key)
+    def check_auth(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+    ) -> None:
+        service.authenticate(request.headers.get("authorization"))
 
-    def scorer(request: Request) -> ScoreFn:
-        """Scoring through the batcher for one request; dropped if its client disconnects first."""
+    guarded = [Depends(check_auth)] if config.api_key is not None else []
+    scoring_errors = (400, 408, 413, 422, 503, *((401,) if config.api_key is not None else ()))
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in sorted(scoring_errors)
+    }
+    scoring = {
+        "dependencies": guarded,
+        "responses": errors,
+        "response_model_exclude_unset": True,
+    }
 
-        async def score(
-            query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
-        ) -> tuple[list[float], int | None]:
-            return await _unless_disconnected(
-                request, submit(query, texts, instruction, count_tokens, **limits)
-            )
+    @app.get(
+        "/health",
+        summary="503 while the model loads, 200 once it serves",
+        response_model=HealthOk,
+        response_model_exclude_unset=True,
+        responses={503: {"model": HealthDown, "description": "The model is loading or failed to load"}},
+    )
+    async def health() -> Response:
+        status, body, headers = service.health()
+        return JSONResponse(body, status_code=status, headers=headers)
 
-        return score
+    @app.get(
+        "/v1/models",
+        summary="OpenAI-style list of the served model",
+        response_model=ModelList,
+        dependencies=guarded,
+        responses={401: errors[401]} if 401 in errors else None,
+    )
+    async def models() -> dict[str, Any]:
+        return service.models()
 
-    async def submit(
-        query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: int
-    ) -> tuple[list[float], int | None]:
-        """Score one request; ``limits`` are its token caps (``max_doc_tokens``, ``max_query_tokens``)."""
-        batcher = state.batcher
-        if batcher is None:
-            if state.load_error is not None:
-                raise RequestError(
-                    f"the model failed to load: {state.load_error}", status_code=503, type="model_unavailable"
-                )
-            raise RequestError(
-                "the model is still loading; retry shortly",
-                status_code=503,
-                type="model_loading",
-                headers={"Retry-After": _RETRY_AFTER_LOADING},
-            )
-        try:
-            if max_request_tokens is not None:
-                await _check_token_budget(
-                    state.reranker,
-                    query,
-                    texts,
-                    instruction,
-                    max_request_tokens,
-                    **limits,
-                )
-            scored = await batcher.submit(query, texts, instruction, count_tokens=count_tokens, **limits)
-        except RequestError:
-            raise
-        except QueueFullError as exc:
-            raise RequestError(
-                f"the service is overloaded ({exc}); retry shortly",
-                status_code=503,
-                type="overloaded",
-                headers={"Retry-After": _RETRY_AFTER_BUSY},
-            ) from exc
-        except BatcherClosedError as exc:
-            raise RequestError(
-                "the service is shutting down",
-                status_code=503,
-                type="shutting_down",
-                headers={"Retry-After": _RETRY_AFTER_BUSY},
-            ) from exc
-        except InputTooLongError as exc:
-            raise RequestError(str(exc), status_code=422, param=exc.param) from exc
-        except (ValueError, TypeError) as exc:
-            raise RequestError(str(exc), status_code=422) from exc
-        except Exception as exc:
-            logger.exception("scoring failed")
-            raise RequestError(
-                f"scoring failed: {type(exc).__name__}: {exc}", status_code=500, type="internal_error"
-            ) from exc
-        return scored.logits, scored.total_tokens, scored.spans
-
-    # -- endpoints ------------------------------------------------------------------------------
-
-    @app.get("/health", summary="503 while the model loads, 200 once it serves")
-    async def health() -> JSONResponse:
-        if state.ready:
-            reranker = state.reranker
-            return JSONResponse(
-                {
-                    "status": "ok",
-                    "model": state.model_name,
-                    "device": str(reranker.device),
-                    "dtype": str(reranker.dtype).removeprefix("torch."),
-                    "queue": state.batcher.pending if state.batcher else 0,
-                }
-            )
-        status = "error" if state.load_error else "loading"
-        body: dict[str, Any] = {"status": status}
-        if state.load_error:
-            body["error"] = state.load_error
-        headers = None if state.load_error else {"Retry-After": _RETRY_AFTER_LOADING}
-        return JSONResponse(body, status_code=503, headers=headers)
-
-    @app.get("/v1/models", summary="OpenAI-style list of the served model")
-    async def models(request: Request) -> JSONResponse:
-        check_auth(request)
-        data = []
-        if state.model_name is not None:
-            data.append(
-                {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "qwen"}
-            )
-        return JSONResponse({"object": "list", "data": data})
-
-    async def rerank(request: Request) -> Response:
-        check_auth(request)
-        body = await read_json(request, max_body_bytes)
-        payload = await rerank_response(
-            body,
-            path=request.url.path,
-            score=scorer(request),
-            max_documents=max_documents,
-            model_name=state.model_name,
-            default_instruction=_default_instruction(state.reranker),
-        )
-        return JSONResponse(payload)
-
-    for path in _RERANK_PATHS:
-        app.add_api_route(
-            path,
-            rerank,
-            methods=["POST"],
-            summary="Rerank documents (Cohere / Jina / vLLM / Infinity request and response shape)"
-            + ("; with `texts`, text-embeddings-inference's" if path == "/rerank" else ""),
+    async def score_rerank(request: Request, req: RerankRequest | TeiRerankRequest) -> Any:
+        field = "texts" if isinstance(req, TeiRerankRequest) else "documents"
+        check_document_count(len(req.texts), field, config.max_documents)
+        return await service.serve_request(
+            request,
+            lambda score: rerank_response(
+                req,
+                score=score,
+                model_name=service.model_name,
+                default_instruction=service.default_instruction,
+            ),
         )
 
-    @app.post("/rank", summary="Rank {id, text} records; results carry ids, scores and bands")
-    async def rank(request: Request) -> JSONResponse:
-        check_auth(request)
-        body = await read_json(request, max_body_bytes)
-        payload = await rank_response(
-            body,
-            score=scorer(request),
-            bands=bands,
-            max_documents=max_documents,
-            model_name=state.model_name,
-            default_instruction=_default_instruction(state.reranker),
-        )
-        return JSONResponse(payload)
+    rerank_summary = "Rerank documents (Cohere / Jina / vLLM / Infinity request and response shape)"
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    scorers = APIRouter(route_class=_JsonBodyRoute)
+
+    @scorers.post("/v1/rerank", summary=rerank_summary, response_model=RerankResponse, **scoring)
+    async def rerank_v1(request: Request, req: Annotated[RerankRequest, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post("/v2/rerank", summary=rerank_summary, response_model=RerankResponse, **scoring)
+    async def rerank_v2(request: Request, req: Annotated[RerankRequest, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post(
+        "/rerank",
+        summary=rerank_summary + "; with `texts`, text-embeddings-inference's",
+        response_model=RerankResponse | list[TeiRerankResult],
+        **scoring,
+    )
+    async def rerank(request: Request, req: Annotated[_RerankOrTei, Body()]) -> Any:
+        return await score_rerank(request, req)
+
+    @scorers.post(
+        "/rank",
+        summary="Rank {id, text} records; results carry ids, scores and bands",
+        response_model=RankResponse,
+        **scoring,
+    )
+    async def rank(request: Request, req: Annotated[RankRequest, Body()]) -> Any:
+        check_document_count(len(req.documents), "documents", config.max_documents)
+        return await service.serve_request(
+            request,
+            lambda score: rank_response(
+                req,
+                score=score,
+                bands=config.bands,
+                model_name=service.model_name,
+                default_instruction=service.default_instruction,
+            ),
+        )
+
+    app.include_router(scorers)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "OK"}},
+    )
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -358,11 +241,11 @@ def create_app(
     @app.post(
         "/v1/cache/clear",
         summary="Empty the score cache (this process's tier and the shared Redis)",
+        dependencies=guarded,
         include_in_schema=False,
     )
-    async def clear_cache(request: Request) -> JSONResponse:
-        check_auth(request)
-        cache = getattr(state.reranker, "cache", None)
+    async def clear_cache() -> JSONResponse:
+        cache = getattr(service.reranker, "cache", None)
         if cache is None:
             return JSONResponse({"cleared": {}})
         try:
@@ -377,95 +260,111 @@ def create_app(
         return JSONResponse({"cleared": cleared})
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document completed with the request and response schemas (see :mod:`.openapi`)."""
+        """FastAPI's document, with this service's ``max_documents`` as ``maxItems``."""
         if app.openapi_schema is None:
-            base = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            app.openapi_schema = build_openapi(base, api_key=api_key is not None, max_documents=max_documents)
+            spec = FastAPI.openapi(app)
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name, field in (
+                ("RerankRequest", "documents"),
+                ("TeiRerankRequest", "texts"),
+                ("RankRequest", "documents"),
+            ):
+                prop = schemas.get(name, {}).get("properties", {}).get(field)
+                if prop is not None:
+                    prop["maxItems"] = config.max_documents
+                    prop["description"] = (
+                        f"{prop.get('description', '')} (at most {config.max_documents};"
+                        " more is answered 413)"
+                    ).lstrip()
+            app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _default_instruction(reranker: Any) -> str | None:
-    """The instruction text a request without one is scored with (``None`` while loading)."""
-    text = getattr(reranker, "instruction", None)
-    return text if isinstance(text, str) else None
+#: Declares ``Authorization: Bearer <key>`` in the OpenAPI document; :func:`.handlers.check_bearer` checks it.
+_BEARER = HTTPBearer(scheme_name="bearerAuth", auto_error=False, description="serve --api-key")
 
 
-async def _call_in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """``await fn()`` run in a daemon thread.
-
-    Unlike ``asyncio.to_thread``, a process told to stop while the model is still loading exits
-    at once instead of waiting for the load to finish.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def deliver(outcome: Any, failed: bool) -> None:
-        if future.done():
-            return
-        if failed:
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-    def work() -> None:
-        try:
-            outcome, failed = fn(), False
-        except BaseException as exc:
-            outcome, failed = exc, True
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(deliver, outcome, failed)
-
-    threading.Thread(target=work, name="qwen3-rerank-load", daemon=True).start()
-    return await future
+def _rerank_or_tei(body: Any) -> str:
+    """``/rerank`` reads a body with ``texts`` and no ``documents`` as text-embeddings-inference's."""
+    if isinstance(body, dict) and "texts" in body and "documents" not in body:
+        return "tei"
+    return "rerank"
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """``await work``, cancelled as soon as the client disconnects.
+_RerankOrTei = Annotated[
+    Annotated[RerankRequest, Tag("rerank")] | Annotated[TeiRerankRequest, Tag("tei")],
+    Discriminator(_rerank_or_tei),
+]
 
-    Cancelling a request that waits in the :class:`MicroBatcher` queue cancels its future, so the
-    batcher drops it before scoring (and discards its scores if it is already being scored).
 
-    Raises:
-        RequestError: 499 ``client_closed_request`` when the client went away first.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        logger.info("client disconnected; its request was dropped")
-        raise RequestError(
-            "the client disconnected before its request was scored",
-            status_code=_CLIENT_CLOSED,
-            type="client_closed_request",
+class _JsonBody(Request):
+    """A request whose body is read as the service reads every body: JSON, whatever its
+    ``Content-Type`` (``curl -d`` sends form-urlencoded), with a one-sentence 400 when it is
+    not, and 499 when the client hangs up before it has arrived."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            try:
+                body = await super().body()
+            except ClientDisconnect:
+                logger.info("client disconnected before its request body arrived; nothing was scored")
+                raise RequestError(
+                    "the client disconnected before its request body arrived",
+                    status_code=CLIENT_CLOSED,
+                    type="client_closed_request",
+                ) from None
+            if not body.strip():
+                raise RequestError(
+                    "request body is empty; send a JSON object", status_code=400, type="invalid_json"
+                )
+        return self._body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class _JsonBodyRoute(APIRoute):
+    """A scoring route: the client is authenticated before its body is read (a 401 needs no
+    upload, nor a ``100 Continue``), then its body is read by :class:`_JsonBody`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def read_as_json(request: Request) -> Response:
+            request.app.state.service.authenticate(request.headers.get("authorization"))
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(_JsonBody(scope, request.receive))
+
+        return read_as_json
+
+
+def _validation_error(exc: RequestValidationError) -> RequestError:
+    """The first problem pydantic found, as the service's one-sentence error naming its field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ("body",), "type": ""}
+    context = first.get("ctx") or {}
+    if first.get("type") == INVALID_REQUEST:
+        return RequestError(
+            first["msg"], status_code=context["status"], param=context["param"], type=context["kind"]
         )
-    return task.result()
+    param = _param(first.get("loc", ()))
+    where = param or "request body"
+    return RequestError(f"{where}: {first.get('msg', 'invalid')}", param=param)
 
 
-async def _disconnect(request: Request) -> None:
-    """Return once the client has disconnected (the body must have been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _check_servable(reranker: Any) -> None:
-    """The service scores with a local engine; a remote one already has a service behind it."""
-    if not isinstance(reranker, Scorer):
-        raise TypeError(f"the model factory returned {type(reranker).__name__}, not a Reranker")
-    if not isinstance(reranker, LocalScorer):
-        raise TypeError(
-            f"create_app serves a local Reranker, not a {type(reranker).__name__}: point clients at "
-            "the service that one talks to instead"
-        )
+def _param(loc: Any) -> str | None:
+    """``("body", "documents", 3, "text")`` as ``documents[3].text`` (the union's tag left out)."""
+    parts = [p for p in loc if p not in ("body", "rerank", "tei")]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
 
 
 def _error_response(exc: RequestError) -> JSONResponse:
@@ -509,72 +408,6 @@ class _MetricsMiddleware:
             endpoint = path if path in _KNOWN_PATHS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-
-
-async def _check_token_budget(
-    reranker: Any, query: str, texts: list[str], instruction: str | None, budget: int, **limits: Any
-) -> None:
-    """Refuse, before it is queued, a request that would make the model read over ``budget`` tokens.
-
-    Unless long documents are read in several windows, every prompt is cut to ``max_length``, so
-    most requests pass on ``len(texts) * max_length`` alone, without tokenising anything here.
-    ``limits`` are the request's own caps (``max_doc_tokens``, ``long_documents``, ...), counted
-    as the engine will apply them.
-
-    Raises:
-        RequestError: 413 ``too_many_tokens`` naming ``documents``.
-    """
-    max_length = None if limits.get("long_documents") else _prompt_cap(reranker)
-    if max_length is not None and len(texts) * max_length <= budget:
-        return
-    tokens = await asyncio.to_thread(
-        _prompt_tokens, reranker, query, texts, instruction, max_length, budget, limits
-    )
-    if tokens > budget:
-        cut = f", each document cut to max_length={max_length}" if max_length is not None else ""
-        raise RequestError(
-            f"this request would make the model read {tokens} prompt tokens (template included{cut}); "
-            f"this service reads at most {budget} per request: send fewer or shorter documents",
-            status_code=413,
-            param="documents",
-            type="too_many_tokens",
-        )
-
-
-def _prompt_cap(reranker: Any) -> int | None:
-    """The most tokens the engine reads per document, or ``None`` when it has no such cap
-    (long documents read in windows) or does not say."""
-    max_length = getattr(reranker, "max_length", None)
-    if isinstance(max_length, bool) or not isinstance(max_length, int):
-        return None
-    try:
-        windows = bool(reranker.settings().get("long_documents", False))
-    except Exception:  # an engine that does not report its settings: assume it may
-        windows = True
-    return None if windows else max_length
-
-
-def _prompt_tokens(
-    reranker: Any,
-    query: str,
-    texts: list[str],
-    instruction: str | None,
-    max_length: int | None,
-    budget: int,
-    limits: dict[str, Any],
-) -> int:
-    """Runs in a worker thread: a bound of the request's prompt tokens when it is within
-    ``budget``, else the engine's exact count (with the request's caps)."""
-    if max_length is not None:
-        # A token covers at least one byte of text, and each prompt is cut to max_length.
-        overhead = reranker.count_tokens(query, [""], instruction, **limits)  # template, instruction, query
-        doc_cap = limits.get("max_doc_tokens") or max_length
-        bound = sum(
-            min(max_length, overhead + min(doc_cap, len(t.encode("utf-8", "surrogatepass")))) for t in texts
-        )
-        if bound <= budget:
-            return bound
-    return int(reranker.count_tokens(query, texts, instruction, **limits))
 
 
 class _BodyTimeoutMiddleware:
@@ -641,3 +474,35 @@ class _BodyTimeoutMiddleware:
             await send(message)
 
         await self.app(scope, receive_in_time, send_after_body)
+
+
+class _BodyLimitMiddleware:
+    """Refuse a body over ``limit`` bytes with 413, before it is held in memory.
+
+    The declared ``Content-Length`` is checked at the first read, and a streamed body is cut off
+    as soon as it passes the limit.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        size = 0
+
+        async def receive_within_limit() -> dict[str, Any]:
+            nonlocal size
+            if declared.isdigit() and int(declared) > self.limit:
+                raise too_large(int(declared), self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.limit:
+                    raise too_large(size, self.limit)
+            return message
+
+        await self.app(scope, receive_within_limit, send)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..protocol import ScoreGroup, Scorer, ScoringStopped, StopCheck
@@ -57,19 +57,11 @@ class ScoredRequest:
     spans: list[tuple[int, int] | None] | None = None
 
 
-@dataclass
-class _Pending:
-    query: str
-    texts: list[str]
-    instruction: str | None
-    count_tokens: bool
+class _Queued(NamedTuple):
+    """One request waiting in the queue: its work and the future its scores go to."""
+
+    group: ScoreGroup
     future: asyncio.Future[ScoredRequest]
-    max_query_tokens: int | None = None
-    max_doc_tokens: int | None = None
-    long_documents: bool | None = None
-    max_windows: int | None = None
-    cache: bool = True
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 #: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
@@ -114,7 +106,7 @@ class MicroBatcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_queue = max_queue
         self.observer = observer
-        self._items: deque[_Pending] = deque()
+        self._items: deque[_Queued] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -133,23 +125,12 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3-rerank-batch")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="qwen3-rerank-batcher")
 
-    async def submit(
-        self,
-        query: str,
-        texts: list[str],
-        instruction: str | None = None,
-        *,
-        count_tokens: bool = False,
-        max_query_tokens: int | None = None,
-        max_doc_tokens: int | None = None,
-        long_documents: bool | None = None,
-        max_windows: int | None = None,
-        cache: bool = True,
-    ) -> ScoredRequest:
-        """Queue one request and wait for its scores.
+    async def submit(self, group: ScoreGroup) -> ScoredRequest:
+        """Queue one request's :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` and wait for its scores.
 
-        ``max_query_tokens``, ``max_doc_tokens``, ``long_documents`` and ``max_windows`` override the engine's
-        settings for this request (see :class:`~qwen3_rerank_plugins.protocol.ScoreGroup`).
+        The group's own caps (``max_query_tokens``, ``max_doc_tokens``, ``long_documents``,
+        ``max_windows``) override the engine's settings for this request. Cancelling the wait
+        drops the request from the queue (or discards its scores if it is being scored).
 
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
@@ -160,20 +141,7 @@ class MicroBatcher:
         if len(self._items) >= self.max_queue:
             raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
         future: asyncio.Future[ScoredRequest] = asyncio.get_running_loop().create_future()
-        self._items.append(
-            _Pending(
-                query,
-                texts,
-                instruction,
-                count_tokens,
-                future,
-                max_query_tokens,
-                max_doc_tokens,
-                long_documents,
-                max_windows,
-                cache,
-            )
-        )
+        self._items.append(_Queued(group, future))
         self._wakeup.set()
         return await future
 
@@ -216,23 +184,23 @@ class MicroBatcher:
                 outcomes = [exc] * len(batch)
             self._settle(batch, outcomes)
 
-    def _take(self) -> list[_Pending]:
+    def _take(self) -> list[_Queued]:
         """Whole requests from the front of the queue, up to ``max_batch_pairs`` pairs (at least one)."""
-        batch: list[_Pending] = []
+        batch: list[_Queued] = []
         pairs = 0
         while self._items:
             item = self._items[0]
             if item.future.done():  # its client went away while it waited: nothing to score
                 self._items.popleft()
                 continue
-            if batch and pairs + len(item.texts) > self.max_batch_pairs:
+            if batch and pairs + len(item.group.texts) > self.max_batch_pairs:
                 break
             batch.append(self._items.popleft())
-            pairs += len(item.texts)
+            pairs += len(item.group.texts)
         return batch
 
     @staticmethod
-    def _settle(batch: list[_Pending], outcomes: list[ScoredRequest | Exception]) -> None:
+    def _settle(batch: list[_Queued], outcomes: list[ScoredRequest | Exception]) -> None:
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():  # the client went away
                 continue
@@ -241,14 +209,15 @@ class MicroBatcher:
             else:
                 item.future.set_result(outcome)
 
-    def _score_batch(self, batch: list[_Pending]) -> list[ScoredRequest | Exception]:
+    def _score_batch(self, batch: list[_Queued]) -> list[ScoredRequest | Exception]:
         """Runs in the worker thread: one engine call for the whole batch, stopped between
         forward passes once every one of its clients has hung up (nobody waits for it)."""
 
         def abandoned() -> bool:
             return all(item.future.done() for item in batch)
 
-        return score_requests(self.reranker, batch, observer=self.observer, should_stop=abandoned)
+        groups = [item.group for item in batch]
+        return score_requests(self.reranker, groups, observer=self.observer, should_stop=abandoned)
 
 
 class ScoreRequest(NamedTuple):
@@ -262,7 +231,6 @@ class ScoreRequest(NamedTuple):
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
     max_windows: int | None = None
-    cache: bool = True
 
 
 def score_requests(
@@ -281,9 +249,9 @@ def score_requests(
 
     Args:
         reranker: What scores (a :class:`~qwen3_rerank_plugins.protocol.Scorer`).
-        requests: Objects with ``query``, ``texts``, ``instruction`` and ``count_tokens``
-            attributes (such as :class:`ScoreRequest`), and optionally ``max_query_tokens``,
-            ``max_doc_tokens``, ``long_documents`` and ``max_windows``.
+        requests: :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` objects (what the batcher
+            queues), or objects with the same attributes plus ``count_tokens`` (such as
+            :class:`ScoreRequest`).
         observer: Called after each engine call with (requests merged, pairs, seconds).
         should_stop: Asked by the engine between forward passes; once it returns ``True`` the
             work stops and every request gets :class:`~qwen3_rerank_plugins.protocol.ScoringStopped`.
@@ -314,7 +282,9 @@ def _score_together(
     reranker: Scorer, items: list[Any], observer: BatchObserver | None, should_stop: StopCheck | None
 ) -> list[ScoredRequest]:
     groups = [
-        ScoreGroup(
+        item
+        if isinstance(item, ScoreGroup)
+        else ScoreGroup(
             item.query,
             item.texts,
             item.instruction,
@@ -322,7 +292,6 @@ def _score_together(
             max_doc_tokens=getattr(item, "max_doc_tokens", None),
             long_documents=getattr(item, "long_documents", None),
             max_windows=getattr(item, "max_windows", None),
-            cache=getattr(item, "cache", True),
         )
         for item in items
     ]
@@ -333,6 +302,8 @@ def _score_together(
         with contextlib.suppress(Exception):
             observer(len(items), sum(len(item.texts) for item in items), elapsed)
     return [
-        ScoredRequest(result.logits, result.tokens if item.count_tokens else None, result.spans)
+        ScoredRequest(
+            result.logits, result.tokens if getattr(item, "count_tokens", True) else None, result.spans
+        )
         for item, result in zip(items, scored, strict=True)
     ]

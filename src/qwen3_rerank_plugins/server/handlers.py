@@ -1,68 +1,42 @@
-"""Request handling shared by the plain service (:mod:`.app`) and the Ray Serve deployment.
+"""The answers of the scoring endpoints, built from a validated request and a way to score it.
 
-Both front ends read and authenticate a request, then build the same responses, so a client of
-one works unchanged against the other. What differs between them is only how a request is
-scored: the plain service queues it on its :class:`~.batcher.MicroBatcher`, a Ray replica merges
-it with ``@serve.batch``. Each front end passes its way of scoring as a :data:`ScoreFn`.
+The routes of :mod:`.app` pass a parsed request model (:mod:`.schemas`) and the service's
+per-request scoring function; these functions shape what the client gets back.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 import re
 import uuid
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
-
-from starlette.requests import ClientDisconnect
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..fallback import FallbackRerank, RerankAttempt, retry_query
+from ..protocol import ScoreGroup
 from ..results import ConfidenceBands, rank_results, sigmoid
 from ..templates import list_instruction_templates, resolve_instruction, suggest_template_name
-from .schemas import (
-    RankRequest,
-    RequestError,
-    parse_json_body,
-    parse_rank,
-    parse_rerank,
-    parse_tei,
-)
+from .batcher import ScoredRequest
+from .schemas import RankRequest, RequestError, RerankRequest, TeiRerankRequest
 
 __all__ = [
     "ScoreFn",
     "check_bearer",
+    "instruction_meta",
     "rank_response",
-    "read_json",
     "rerank_response",
     "too_large",
 ]
 
 
-class ScoreFn(Protocol):
-    """How a front end scores one request.
-
-    ``await score(query, texts, instruction, count_tokens, **limits)`` -> ``(logits in input
-    order, tokens, spans)``; ``tokens`` may be ``None`` when ``count_tokens`` is false, ``spans``
-    is ``None`` unless a document was read in windows (then the best window's ``(start, end)``
-    per document, ``None`` for those read whole). ``limits`` holds only the request's caps that
-    are set (``max_doc_tokens``, ``max_query_tokens``, ``long_documents``, ``max_windows``: the
-    engine's keywords), so a request without any calls it with four arguments. Raises
-    :class:`RequestError`.
-    """
-
-    def __call__(
-        self, query: str, texts: list[str], instruction: str | None, count_tokens: bool, /, **limits: Any
-    ) -> Awaitable[tuple[list[float], int | None, list[tuple[int, int] | None] | None]]: ...
+#: How a front end scores one request's group: ``await score(group)`` -> its
+#: :class:`~.batcher.ScoredRequest` (log-odds in input order, prompt tokens, spans of documents
+#: read in windows). Raises :class:`RequestError`.
+ScoreFn = Callable[[ScoreGroup], Awaitable[ScoredRequest]]
 
 
-TEI_PATH = "/rerank"
 _NO_BANDS = ConfidenceBands()  # /v1/rerank and TEI answers carry no band
 _ONE_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # free text that may be a mistyped template name
-#: nginx's status for a request whose client closed the connection (never sent: nobody reads it).
-CLIENT_CLOSED = 499
-
-logger = logging.getLogger(__name__)
 
 
 def check_bearer(authorization: str | None, api_key: str | None) -> None:
@@ -96,63 +70,21 @@ def too_large(size: int, limit: int) -> RequestError:
     )
 
 
-async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
-    """Read a Starlette request's body, at most ``max_body_bytes`` of it, as a JSON object.
-
-    The declared ``Content-Length`` is checked before anything is read, and the stream is cut
-    off as soon as it passes the limit, so an oversized body is never held in memory.
-
-    Args:
-        request: A ``starlette.requests.Request`` (FastAPI's, or the one Ray Serve passes).
-        max_body_bytes: Largest body accepted.
-
-    Returns:
-        The decoded JSON object.
-
-    Raises:
-        RequestError: 413 for a body over the limit; 499 ``client_closed_request`` when the
-            client hangs up before its body has arrived (its doing, not the service's: logged
-            at INFO, without a traceback); 400/422 as :func:`.schemas.parse_json_body`.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise too_large(int(declared), max_body_bytes)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large(size, max_body_bytes)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        logger.info("client disconnected after %d bytes of its request body; nothing was scored", size)
-        raise RequestError(
-            "the client disconnected before its request body arrived",
-            status_code=CLIENT_CLOSED,
-            type="client_closed_request",
-        ) from None
-    return parse_json_body(b"".join(chunks))
-
-
 async def rerank_response(
-    body: Mapping[str, Any],
+    req: RerankRequest | TeiRerankRequest,
     *,
-    path: str,
     score: ScoreFn,
-    max_documents: int,
     model_name: str | None,
     default_instruction: str | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Answer ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``).
 
-    On ``/rerank``, a body with ``texts`` and no ``documents`` is a text-embeddings-inference
-    request and gets TEI's answer: a bare list of ``{index, score[, text]}``.
+    A text-embeddings-inference request (``texts`` on ``/rerank``) gets TEI's answer: a bare
+    list of ``{index, score[, text]}``.
 
     Args:
-        body: The decoded JSON body.
-        path: The request path (decides whether the TEI shape applies).
+        req: The validated request.
         score: How this front end scores a request.
-        max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
         default_instruction: The instruction text a request without one is scored with (reported
             in ``meta.instruction``; ``None`` when the front end does not know it).
@@ -161,21 +93,20 @@ async def rerank_response(
         The JSON-ready response body.
 
     Raises:
-        RequestError: On an invalid body, or as ``score`` raises.
+        RequestError: As ``score`` raises.
     """
-    if path.rstrip("/") == TEI_PATH and "texts" in body and "documents" not in body:
-        tei = parse_tei(body, max_documents=max_documents)
-        logits, _, _ = await score(tei.query, tei.texts, tei.instruction, False, **tei.limits.as_kwargs())
+    if isinstance(req, TeiRerankRequest):
+        logits = (await score(req.to_group())).logits
         out = []
-        for r in rank_results(logits, tei.texts, bands=_NO_BANDS, top_n=tei.top_n):
-            item: dict[str, Any] = {"index": r.index, "score": r.logit if tei.raw_scores else r.score}
-            if tei.return_text:
+        for r in rank_results(logits, req.texts, bands=_NO_BANDS, top_n=req.top_n):
+            item: dict[str, Any] = {"index": r.index, "score": r.logit if req.raw_scores else r.score}
+            if req.return_text:
                 item["text"] = r.document
             out.append(item)
         return out
-    req = parse_rerank(body, max_documents=max_documents)
-    logits, tokens, spans = await score(req.query, req.texts, req.instruction, True, **req.limits.as_kwargs())
-    documents = req.documents if req.documents is not None else req.texts
+    scored = await score(req.to_group())
+    logits, tokens, spans = scored.logits, scored.total_tokens, scored.spans
+    documents = req.sent_documents
     results = []
     for r in rank_results(logits, documents, bands=_NO_BANDS, top_n=req.top_n, spans=spans):
         item = {"index": r.index, "relevance_score": r.logit if req.raw_scores else r.score}
@@ -199,11 +130,10 @@ async def rerank_response(
 
 
 async def rank_response(
-    body: Mapping[str, Any],
+    req: RankRequest,
     *,
     score: ScoreFn,
     bands: ConfidenceBands,
-    max_documents: int,
     model_name: str | None,
     default_instruction: str | None = None,
 ) -> dict[str, Any]:
@@ -215,10 +145,9 @@ async def rank_response(
     block: ``retried_query`` (``null`` when no retry was made), ``used_query`` and ``needs_review``.
 
     Args:
-        body: The decoded JSON body.
+        req: The validated request.
         score: How this front end scores a request.
         bands: Cut-offs of the bands and of the fallback's low band.
-        max_documents: Most documents per request (413 beyond).
         model_name: Reported in the response.
         default_instruction: As for :func:`rerank_response`.
 
@@ -226,13 +155,12 @@ async def rank_response(
         The JSON-ready response body.
 
     Raises:
-        RequestError: On an invalid body, or as ``score`` raises.
+        RequestError: As ``score`` raises.
     """
-    req = parse_rank(body, max_documents=max_documents)
 
     async def attempt(query: str) -> RerankAttempt:
-        logits, _, spans = await score(query, req.texts, req.instruction, False, **req.limits.as_kwargs())
-        return _attempt(req, query, logits, bands, spans)
+        scored = await score(req.to_group(query))
+        return _attempt(req, query, scored.logits, bands, scored.spans)
 
     first = await attempt(req.query)
     extra: dict[str, Any] = {}
@@ -248,7 +176,7 @@ async def rank_response(
         }
     results = []
     for r in final.results:
-        item: dict[str, Any] = {"id": req.ids[r.index], "index": r.index, "score": r.score, "band": r.band}
+        item: dict[str, Any] = {"id": r.document["id"], "index": r.index, "score": r.score, "band": r.band}
         if r.span is not None:
             item["span"] = {"start": r.span[0], "end": r.span[1]}
         results.append(item)
@@ -264,7 +192,8 @@ def _attempt(
     spans: list[tuple[int, int] | None] | None,
 ) -> RerankAttempt:
     """One ``/rank`` pass as the library's :class:`RerankAttempt` (best score over all documents)."""
-    documents = [{"id": doc_id, "text": text} for doc_id, text in zip(req.ids, req.texts, strict=True)]
+    ids, texts = req.ids, req.texts
+    documents = [{"id": doc_id, "text": text} for doc_id, text in zip(ids, texts, strict=True)]
     results = rank_results(logits, documents, bands=bands, top_n=req.top_n, spans=spans)
     best = sigmoid(max(logits)) if logits else None
     return RerankAttempt(

@@ -1,45 +1,62 @@
-"""Request validation and response shapes of the HTTP service.
+"""The request models of the HTTP service: they validate each body and publish its schema.
 
-Requests are validated by hand rather than by pydantic so that every rejection names the exact
-field (``documents[3]``, ``top_n``) in one short sentence, in the same error shape for every
+Each body is one pydantic model, which is both the route's parameter (FastAPI validates the
+body with it and generates ``/openapi.json`` from it) and the validator: a model's
+``mode="before"`` validator checks the body in the order a client reads it and refuses the first
+problem in one short sentence naming the exact field (``documents[3]``, ``top_n``); the
+``RequestValidationError`` handler of :mod:`.app` answers it in the same error shape for every
 endpoint:
 
 .. code-block:: json
 
-    {"error": {"message": "documents[3] must be a string or an object with a 'text' string, got int",
+    {"error": {"message": "documents[3] must be a string or an object with a 'text' string, got number",
                "type": "invalid_request_error", "param": "documents[3]", "code": 422},
-     "detail": "documents[3] must be a string or an object with a 'text' string, got int"}
+     "detail": "documents[3] must be a string or an object with a 'text' string, got number"}
 
 (``detail`` repeats the message for clients written for Jina's API, which raise ``resp["detail"]``.)
 Unknown fields are ignored, so clients written for Cohere, Jina, vLLM, Infinity or TEI can send their
-usual extras (``max_chunks_per_doc``, ``truncation_direction``, ``user``, ...). Boolean fields also
-take the strings ``"true"`` / ``"false"`` in any case, as the servers those clients were written for
-do. The JSON schema of each body, as ``/openapi.json`` publishes it, is in :mod:`.openapi`.
+usual extras (``user``, ``truncation_direction``, ...). Boolean fields also take the strings
+``"true"`` / ``"false"`` in any case, as the servers those clients were written for do.
+
+What a JSON schema cannot say, the descriptions do: an object document needs a ``text`` string
+unless ``rank_fields`` is sent, and then it needs every field ``rank_fields`` names.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
+
+from ..protocol import ScoreGroup
+from ..validation import document_text, json_type
 
 __all__ = [
+    "INVALID_REQUEST",
+    "DocumentObject",
+    "RankDocument",
     "RankRequest",
     "RequestError",
     "RerankRequest",
     "TeiRerankRequest",
-    "TokenLimits",
+    "check_document_count",
     "error_body",
     "parse_json_body",
-    "parse_rank",
-    "parse_rerank",
-    "parse_tei",
 ]
 
+#: The pydantic error type of a refusal made by a model's own validator (its context holds
+#: ``param``, ``status`` and ``kind``).
+INVALID_REQUEST = "invalid_request"
 
-class RequestError(Exception):
+
+class RequestError(HTTPException):
     """A request the service refuses; becomes a JSON error response.
 
     Attributes:
@@ -58,7 +75,7 @@ class RequestError(Exception):
         type: str = "invalid_request_error",
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(status_code, detail=message, headers=dict(headers or {}) or None)
         self.status_code = status_code
         self.message = message
         self.param = param
@@ -72,98 +89,6 @@ def error_body(message: str, *, status_code: int, param: str | None = None, type
         "error": {"message": message, "type": type, "param": param, "code": status_code},
         "detail": message,
     }
-
-
-@dataclass(frozen=True)
-class TokenLimits:
-    """Per-request token caps (Cohere v2 / vLLM fields), passed on to the scoring function.
-
-    Attributes:
-        max_doc_tokens: ``max_tokens_per_doc``: cut each document to this many tokens (the
-            template is never cut); ``None``: the service's setting.
-        max_query_tokens: ``max_tokens_per_query``: cut the instruction + query to this many
-            tokens; ``None``: the service's setting.
-        max_windows: ``max_chunks_per_doc`` (Cohere v1): read a long document in up to this many
-            windows and score it by the best; ``None``: the service's setting.
-        cache: ``"cache": false`` scores the request afresh and stores nothing in the score cache.
-    """
-
-    max_doc_tokens: int | None = None
-    max_query_tokens: int | None = None
-    max_windows: int | None = None
-    cache: bool = True
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The caps that are set, as keyword arguments of the scoring function.
-
-        ``max_windows`` (Cohere v1's ``max_chunks_per_doc``) also switches on the long-document
-        mode: a document longer than the budget is read in up to that many windows, scored by
-        the best.
-        """
-        out: dict[str, Any] = {
-            "max_doc_tokens": self.max_doc_tokens,
-            "max_query_tokens": self.max_query_tokens,
-        }
-        if self.max_windows is not None:
-            out.update(long_documents=True, max_windows=self.max_windows)
-        if not self.cache:
-            out["cache"] = False
-        return {name: value for name, value in out.items() if value is not None}
-
-
-@dataclass(frozen=True)
-class RerankRequest:
-    """``POST /v1/rerank`` (Cohere / Jina / vLLM / Infinity shape), validated.
-
-    Attributes:
-        query: The query.
-        texts: What the model reads of each document (``rank_fields`` applied).
-        documents: Each document as it was sent (a string, or the whole object).
-        top_n: Keep the best N (``None``: all).
-        return_documents: Echo each document in its result.
-        raw_scores: Report log-odds instead of probabilities (Infinity's ``raw_scores``).
-        instruction: Template name or free text, ``None`` for the service's default.
-        rank_fields: Cohere's ``rank_fields``: the object fields the model reads, in order.
-        limits: Token caps of this request.
-        truncate_prompt_tokens: vLLM's field, validated; the service's ``max_length`` applies.
-    """
-
-    query: str
-    texts: list[str]
-    top_n: int | None
-    return_documents: bool
-    instruction: str | None
-    documents: list[Any] | None = None
-    raw_scores: bool = False
-    rank_fields: tuple[str, ...] | None = None
-    limits: TokenLimits = TokenLimits()
-    truncate_prompt_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class TeiRerankRequest:
-    """``POST /rerank`` in the text-embeddings-inference shape (``texts`` instead of ``documents``)."""
-
-    query: str
-    texts: list[str]
-    raw_scores: bool
-    return_text: bool
-    instruction: str | None
-    top_n: int | None = None
-    limits: TokenLimits = TokenLimits()
-
-
-@dataclass(frozen=True)
-class RankRequest:
-    """``POST /rank`` (hotline backends: documents are ``{id, text}`` records), validated."""
-
-    query: str
-    texts: list[str]
-    ids: list[Any]
-    top_n: int | None
-    instruction: str | None
-    fallback: bool = False
-    limits: TokenLimits = TokenLimits()
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -206,7 +131,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         ) from exc
     if not isinstance(body, dict):
         raise RequestError(
-            f"request body must be a JSON object, got {_json_type(body)}", status_code=422, param=None
+            f"request body must be a JSON object, got {json_type(body)}", status_code=422, param=None
         )
     _check_unicode(body)
     return body
@@ -247,28 +172,12 @@ def _surrogate_error(path: str | None, text: str, *, is_key: bool) -> RequestErr
     )
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _query(body: Mapping[str, Any]) -> str:
     if "query" not in body or body["query"] is None:
         raise RequestError("query is required", param="query")
     query = body["query"]
     if not isinstance(query, str):
-        raise RequestError(f"query must be a string, got {_json_type(query)}", param="query")
+        raise RequestError(f"query must be a string, got {json_type(query)}", param="query")
     if not _NON_BLANK.search(query):
         raise RequestError("query must not be empty", param="query")
     return query
@@ -291,7 +200,7 @@ def _top_n(body: Mapping[str, Any]) -> int | None:
     top_n = _integer(value)
     if top_n is None:
         raise RequestError(
-            f"top_n must be a non-negative integer (0: all), got {_json_type(value)}", param="top_n"
+            f"top_n must be a non-negative integer (0: all), got {json_type(value)}", param="top_n"
         )
     if top_n < 0:
         raise RequestError(f"top_n must be a non-negative integer (0: all), got {top_n}", param="top_n")
@@ -305,18 +214,9 @@ def _token_cap(body: Mapping[str, Any], name: str) -> int | None:
         return None
     count = _integer(value)
     if count is None or count < 1:
-        got = _json_type(value) if count is None else str(count)
+        got = json_type(value) if count is None else str(count)
         raise RequestError(f"{name} must be a positive integer (tokens), got {got}", param=name)
     return count
-
-
-def _limits(body: Mapping[str, Any]) -> TokenLimits:
-    return TokenLimits(
-        max_doc_tokens=_token_cap(body, "max_tokens_per_doc"),
-        max_query_tokens=_token_cap(body, "max_tokens_per_query"),
-        max_windows=_token_cap(body, "max_chunks_per_doc"),
-        cache=_flag(body, "cache", True),
-    )
 
 
 def _truncate_prompt_tokens(body: Mapping[str, Any]) -> int | None:
@@ -326,7 +226,7 @@ def _truncate_prompt_tokens(body: Mapping[str, Any]) -> int | None:
         return None
     count = _integer(value)
     if count is None or count == 0 or count < -1:
-        got = _json_type(value) if count is None else str(count)
+        got = json_type(value) if count is None else str(count)
         raise RequestError(
             f"truncate_prompt_tokens must be -1 or a positive integer, got {got}",
             param="truncate_prompt_tokens",
@@ -342,7 +242,7 @@ def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
     if isinstance(value, str) and value.lower() in _BOOLEAN_STRINGS:
         return _BOOLEAN_STRINGS[value.lower()]
     if not isinstance(value, bool):
-        got = repr(value) if isinstance(value, str) else _json_type(value)
+        got = repr(value) if isinstance(value, str) else json_type(value)
         raise RequestError(f"{name} must be true or false, got {got:.60}", param=name)
     return value
 
@@ -353,45 +253,41 @@ def _instruction(body: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str):
         raise RequestError(
-            f"instruction must be a template name or free text, got {_json_type(value)}", param="instruction"
+            f"instruction must be a template name or free text, got {json_type(value)}", param="instruction"
         )
     if not _NON_BLANK.search(value):
         raise RequestError("instruction must not be empty; leave it out for the default", param="instruction")
     return value
 
 
-def _document_list(body: Mapping[str, Any], field: str, max_documents: int) -> list[Any]:
+def _document_list(body: Mapping[str, Any], field: str) -> list[Any]:
     if field not in body or body[field] is None:
         raise RequestError(f"{field} is required: a non-empty list of documents", param=field)
     docs = body[field]
     if not isinstance(docs, list):
-        raise RequestError(f"{field} must be a list, got {_json_type(docs)}", param=field)
+        raise RequestError(f"{field} must be a list, got {json_type(docs)}", param=field)
     if not docs:
         raise RequestError(f"{field} must not be empty", param=field)
-    if len(docs) > max_documents:
+    return docs
+
+
+def check_document_count(count: int, field: str, max_documents: int) -> None:
+    """Refuse a request with more documents than the service takes (413 naming ``field``)."""
+    if count > max_documents:
         raise RequestError(
-            f"{field} has {len(docs)} entries; this service accepts at most {max_documents} per request",
+            f"{field} has {count} entries; this service accepts at most {max_documents} per request",
             status_code=413,
             param=field,
             type="too_many_documents",
         )
-    return docs
 
 
-def _text_of(doc: Any, label: str, *, allow_string: bool = True) -> str:
-    if allow_string and isinstance(doc, str):
-        return doc
-    if isinstance(doc, dict):
-        if "text" not in doc:
-            raise RequestError(f"{label} is an object without a 'text' field", param=f"{label}.text")
-        text = doc["text"]
-        if not isinstance(text, str):
-            raise RequestError(
-                f"{label}.text must be a string, got {_json_type(text)}", param=f"{label}.text"
-            )
-        return text
-    expected = "a string or an object with a 'text' string" if allow_string else "an object {id, text}"
-    raise RequestError(f"{label} must be {expected}, got {_json_type(doc)}", param=label)
+def _text_of(doc: Any, label: str) -> str:
+    """The text of one document (:func:`~qwen3_rerank_plugins.validation.document_text`'s rule)."""
+    try:
+        return document_text(doc, label, wire=True)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc), param=getattr(exc, "param", label)) from None
 
 
 def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -400,7 +296,7 @@ def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
         return None
     if not isinstance(value, list):
         raise RequestError(
-            f"rank_fields must be a list of field names, got {_json_type(value)}", param="rank_fields"
+            f"rank_fields must be a list of field names, got {json_type(value)}", param="rank_fields"
         )
     if not value:
         raise RequestError(
@@ -409,7 +305,7 @@ def _rank_fields(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     for i, name in enumerate(value):
         if not isinstance(name, str):
             raise RequestError(
-                f"rank_fields[{i}] must be a field name (string), got {_json_type(name)}",
+                f"rank_fields[{i}] must be a field name (string), got {json_type(name)}",
                 param=f"rank_fields[{i}]",
             )
     return tuple(value)
@@ -430,7 +326,7 @@ def _ranked_text(doc: Any, label: str, rank_fields: tuple[str, ...] | None) -> s
         return _text_of(doc, label)
     if "text" in doc and not isinstance(doc["text"], str):
         raise RequestError(
-            f"{label}.text must be a string, got {_json_type(doc['text'])}", param=f"{label}.text"
+            f"{label}.text must be a string, got {json_type(doc['text'])}", param=f"{label}.text"
         )
     for name in rank_fields:
         if name not in doc:
@@ -444,85 +340,267 @@ def _ranked_text(doc: Any, label: str, rank_fields: tuple[str, ...] | None) -> s
     return "\n".join(f"{name}: {_field_text(doc[name])}" for name in rank_fields)
 
 
-def parse_rerank(body: Mapping[str, Any], *, max_documents: int) -> RerankRequest:
-    """Validate a ``/v1/rerank`` body.
+@contextmanager
+def _refusing() -> Iterator[None]:
+    """Turn a :class:`RequestError` raised by the checks into pydantic's error for the handler."""
+    try:
+        yield
+    except RequestError as exc:
+        context = {"param": exc.param, "status": exc.status_code, "kind": exc.type}
+        raise PydanticCustomError(
+            INVALID_REQUEST, exc.message.replace("{", "{{").replace("}", "}}"), context
+        ) from None  # type: ignore[arg-type]
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise RequestError(f"request body must be a JSON object, got {json_type(data)}")
+    return dict(data)
+
+
+def _checked_limits(data: dict[str, Any], *names: str) -> None:
+    for name in names:
+        data[name] = _token_cap(data, name)
+
+
+NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S")]
+#: Boolean fields also take these strings, in any case (RAGFlow's Xinference provider sends "true").
+BooleanString = Annotated[str, Field(pattern=r"^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee])$")]
+Flag = bool | BooleanString | None
+TokenCount = Annotated[int, Field(ge=1)]
+TopN = Annotated[int, Field(ge=0)]
+_CACHE_FLAG = "false: score afresh, neither reading nor filling the score cache (default true)"
+
+
+class _Request(BaseModel):
+    """Unknown fields are accepted and ignored, as the servers these clients were written for do."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def _caps(self) -> dict[str, Any]:
+        caps = {
+            "max_doc_tokens": getattr(self, "max_tokens_per_doc", None),
+            "max_query_tokens": getattr(self, "max_tokens_per_query", None),
+        }
+        windows = getattr(self, "max_chunks_per_doc", None)
+        if windows is not None:
+            caps.update(long_documents=True, max_windows=windows)
+        if getattr(self, "cache", None) is False:
+            caps["cache"] = False
+        return {name: value for name, value in caps.items() if value is not None}
+
+    def to_group(self, query: str | None = None) -> ScoreGroup:
+        """This request's work for the engine (``query`` replaces its own, for a retry)."""
+        texts = self.texts  # type: ignore[attr-defined]
+        own = self.query  # type: ignore[attr-defined]
+        instruction = self.instruction  # type: ignore[attr-defined]
+        return ScoreGroup(own if query is None else query, texts, instruction, **self._caps())
+
+
+class DocumentObject(BaseModel):
+    """A document as an object: read by its ``text``, or by the fields ``rank_fields`` names.
+
+    Every field comes back whole in the result's ``document``.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str = Field(
+        None,  # type: ignore[assignment]  # optional, but never null
+        description="What the model reads; required unless rank_fields names the fields to read",
+    )
+
+
+_DOCUMENTS_DESCRIPTION = (
+    "Strings, or objects read by their 'text' (required then) or by the fields rank_fields names "
+    "(each object must have all of them)"
+)
+#: Without ``rank_fields``, an object document must have a ``text`` string.
+_TEXT_UNLESS_RANK_FIELDS = {
+    "if": {"required": ["rank_fields"], "properties": {"rank_fields": {"type": "array"}}},
+    "else": {
+        "properties": {
+            "documents": {"items": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["text"]}]}}
+        }
+    },
+}
+
+
+class RerankRequest(_Request):
+    """``POST /v1/rerank``: the rerank request of Cohere (v1 and v2), Jina, vLLM and Infinity.
 
     ``return_documents`` defaults to true, as Jina and vLLM do (Cohere's default is false);
-    clients that read only ``index`` and ``relevance_score`` are unaffected either way.
-    The ``model`` field is accepted and ignored: the service serves one model.
+    clients that read only ``index`` and ``relevance_score`` are unaffected either way. The
+    ``model`` field is accepted and ignored: the service serves one model.
     """
-    query = _query(body)
-    docs = _document_list(body, "documents", max_documents)
-    rank_fields = _rank_fields(body)
-    texts = [_ranked_text(doc, f"documents[{i}]", rank_fields) for i, doc in enumerate(docs)]
-    return RerankRequest(
-        query=query,
-        texts=texts,
-        documents=list(docs),
-        top_n=_top_n(body),
-        return_documents=_flag(body, "return_documents", True),
-        raw_scores=_flag(body, "raw_scores", False),
-        instruction=_instruction(body),
-        rank_fields=rank_fields,
-        limits=_limits(body),
-        truncate_prompt_tokens=_truncate_prompt_tokens(body),
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_TEXT_UNLESS_RANK_FIELDS)
+
+    query: NonBlank
+    documents: list[str | DocumentObject] = Field(min_length=1, description=_DOCUMENTS_DESCRIPTION)
+    model: Any = Field(None, description="Accepted and ignored: the service serves one model")
+    top_n: TopN | None = Field(None, description="Keep the best N; 0 or null: all")
+    return_documents: Flag = Field(True, description="Echo each document in its result (default true)")
+    raw_scores: Flag = Field(False, description="Report log-odds instead of P(yes) (Infinity's field)")
+    instruction: NonBlank | None = Field(
+        None, description="A template name (see `qwen3-rerank templates`) or free text; null: the default"
     )
+    rank_fields: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="Cohere v1: the object fields the model reads, in order (one field: its value; "
+        "several: 'name: value' lines)",
+    )
+    max_tokens_per_doc: TokenCount | None = Field(
+        None, description="Cut each document to this many tokens (the template is never cut)"
+    )
+    max_tokens_per_query: TokenCount | None = Field(
+        None, description="Cut the instruction + query to this many tokens"
+    )
+    truncate_prompt_tokens: Literal[-1] | TokenCount | None = Field(
+        None, description="vLLM's field: accepted; prompts are cut to the service's max_length"
+    )
+    max_chunks_per_doc: TokenCount | None = Field(
+        None,
+        description="Cohere v1: read a document longer than the budget in up to this many overlapping "
+        "windows; it scores by its best window, whose character span comes back as `span`",
+    )
+    cache: Flag = Field(True, description=_CACHE_FLAG)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        with _refusing():
+            data = _object(data)
+            data["query"] = _query(data)
+            docs = _document_list(data, "documents")
+            rank_fields = _rank_fields(data)
+            for i, doc in enumerate(docs):
+                _ranked_text(doc, f"documents[{i}]", rank_fields)
+            data["top_n"] = _top_n(data)
+            data["return_documents"] = _flag(data, "return_documents", True)
+            data["raw_scores"] = _flag(data, "raw_scores", False)
+            data["cache"] = _flag(data, "cache", True)
+            data["instruction"] = _instruction(data)
+            _checked_limits(data, "max_tokens_per_doc", "max_tokens_per_query", "max_chunks_per_doc")
+            data["truncate_prompt_tokens"] = _truncate_prompt_tokens(data)
+        return data
+
+    @cached_property
+    def sent_documents(self) -> list[Any]:
+        """Each document as it was sent: a string, or the whole object."""
+        return [d if isinstance(d, str) else d.model_dump(exclude_unset=True) for d in self.documents]
+
+    @cached_property
+    def texts(self) -> list[str]:
+        """What the model reads of each document (``rank_fields`` applied)."""
+        fields = tuple(self.rank_fields) if self.rank_fields is not None else None
+        return [_ranked_text(doc, f"documents[{i}]", fields) for i, doc in enumerate(self.sent_documents)]
 
 
-def parse_tei(body: Mapping[str, Any], *, max_documents: int) -> TeiRerankRequest:
-    """Validate a text-embeddings-inference ``/rerank`` body.
+class TeiRerankRequest(_Request):
+    """``POST /rerank`` in the shape of text-embeddings-inference: ``texts`` instead of ``documents``.
 
-    The body is ``{query, texts, raw_scores?, return_text?}``; TEI's ``truncate`` and
-    ``truncation_direction`` are ignored (documents are always cut from their end to fit). ``top_n``,
-    which TEI itself ignores but LiteLLM's ``huggingface`` provider sends, keeps the best N.
+    TEI's ``truncate`` and ``truncation_direction`` are accepted and ignored (documents are cut from
+    their end to fit); ``top_n``, which TEI ignores but LiteLLM's ``huggingface`` provider sends,
+    keeps the best N here.
     """
-    query = _query(body)
-    docs = _document_list(body, "texts", max_documents)
-    texts = []
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, str):
-            raise RequestError(f"texts[{i}] must be a string, got {_json_type(doc)}", param=f"texts[{i}]")
-        texts.append(doc)
-    return TeiRerankRequest(
-        query=query,
-        texts=texts,
-        raw_scores=_flag(body, "raw_scores", False),
-        return_text=_flag(body, "return_text", False),
-        instruction=_instruction(body),
-        top_n=_top_n(body),
-        limits=_limits(body),
-    )
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"not": {"required": ["documents"]}})
+
+    query: NonBlank
+    texts: list[str] = Field(min_length=1)
+    raw_scores: Flag = Field(False, description="Report log-odds instead of P(yes)")
+    return_text: Flag = Field(False, description="Echo each text in its result")
+    instruction: NonBlank | None = None
+    top_n: TopN | None = None
+    max_tokens_per_doc: TokenCount | None = None
+    max_tokens_per_query: TokenCount | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        with _refusing():
+            data = _object(data)
+            data["query"] = _query(data)
+            for i, doc in enumerate(_document_list(data, "texts")):
+                if not isinstance(doc, str):
+                    raise RequestError(
+                        f"texts[{i}] must be a string, got {json_type(doc)}", param=f"texts[{i}]"
+                    )
+            data["raw_scores"] = _flag(data, "raw_scores", False)
+            data["return_text"] = _flag(data, "return_text", False)
+            data["instruction"] = _instruction(data)
+            data["top_n"] = _top_n(data)
+            _checked_limits(data, "max_tokens_per_doc", "max_tokens_per_query")
+        return data
+
+    @property
+    def documents(self) -> list[str]:
+        return self.texts
 
 
-def parse_rank(body: Mapping[str, Any], *, max_documents: int) -> RankRequest:
-    """Validate a ``/rank`` body: documents are ``{id, text}`` objects (``id`` a string or integer).
+class RankDocument(BaseModel):
+    """A ``/rank`` record: its ``id`` comes back with its score."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | int | None = Field(None, description="Echoed in the result; default: the position")
+    text: str
+
+
+class RankRequest(_Request):
+    """``POST /rank``: ``{id, text}`` records ranked with scores and confidence bands.
 
     A document without ``id`` gets its position in the list; plain strings are accepted the same way.
     """
-    query = _query(body)
-    docs = _document_list(body, "documents", max_documents)
-    texts, ids = [], []
-    for i, doc in enumerate(docs):
-        label = f"documents[{i}]"
-        texts.append(_text_of(doc, label))
-        doc_id = doc.get("id", i) if isinstance(doc, dict) else i
-        if doc_id is None:
-            doc_id = i
-        if not isinstance(doc_id, str):
-            as_int = _integer(doc_id)
-            if as_int is None:
-                raise RequestError(
-                    f"{label}.id must be a string or an integer, got {_json_type(doc_id)}",
-                    param=f"{label}.id",
-                )
-            doc_id = as_int
-        ids.append(doc_id)
-    return RankRequest(
-        query=query,
-        texts=texts,
-        ids=ids,
-        top_n=_top_n(body),
-        instruction=_instruction(body),
-        fallback=_flag(body, "fallback", False),
-        limits=_limits(body),
+
+    query: NonBlank
+    documents: list[str | RankDocument] = Field(min_length=1)
+    top_n: TopN | None = None
+    instruction: NonBlank | None = None
+    fallback: Flag = Field(False, description="Retry a low-confidence query generalized (default false)")
+    max_tokens_per_doc: TokenCount | None = None
+    max_tokens_per_query: TokenCount | None = None
+    max_chunks_per_doc: TokenCount | None = Field(
+        None, description="Read long documents in up to this many windows (see /v1/rerank)"
     )
+    cache: Flag = Field(True, description=_CACHE_FLAG)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        with _refusing():
+            data = _object(data)
+            data["query"] = _query(data)
+            docs = _document_list(data, "documents")
+            checked = []
+            for i, doc in enumerate(docs):
+                label = f"documents[{i}]"
+                _text_of(doc, label)
+                if isinstance(doc, dict):
+                    doc_id = doc.get("id")
+                    if doc_id is not None and not isinstance(doc_id, str):
+                        as_int = _integer(doc_id)
+                        if as_int is None:
+                            raise RequestError(
+                                f"{label}.id must be a string or an integer, got {json_type(doc_id)}",
+                                param=f"{label}.id",
+                            )
+                        doc = {**doc, "id": as_int}
+                checked.append(doc)
+            data["documents"] = checked
+            data["top_n"] = _top_n(data)
+            data["instruction"] = _instruction(data)
+            data["fallback"] = _flag(data, "fallback", False)
+            data["cache"] = _flag(data, "cache", True)
+            _checked_limits(data, "max_tokens_per_doc", "max_tokens_per_query", "max_chunks_per_doc")
+        return data
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    @property
+    def ids(self) -> list[str | int]:
+        """Each document's ``id``, or its position when it has none."""
+        return [i if isinstance(d, str) or d.id is None else d.id for i, d in enumerate(self.documents)]
