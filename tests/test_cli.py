@@ -356,7 +356,7 @@ BAD_INPUT = [
         ["-q", QUERY, "--device", "cuda"], "doc\n", 1, "CUDA is not available", id="no CUDA", marks=_CUDA
     ),
     pytest.param(["-q", QUERY, "--device", "tpu"], "doc\n", 1, "device", id="unknown device"),
-    pytest.param(["-q", QUERY, "--dtype", "int8"], "doc\n", 1, "dtype must be", id="unknown dtype"),
+    pytest.param(["-q", QUERY, "--dtype", "int4"], "doc\n", 1, "dtype must be", id="unknown dtype"),
     pytest.param(
         ["-q", QUERY, "--instruction", " "],
         "doc\n",

@@ -41,6 +41,7 @@ _EXPORTS = {
     "RerankResult": "results",
     "Reranker": "engine",
     "RerankerSettings": "settings",
+    "ScoreCache": "cache",
     "ScoreGroup": "protocol",
     "Scorer": "protocol",
     "ScoringStopped": "protocol",
@@ -58,6 +59,7 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
+    from .cache import ScoreCache
     from .device import resolve_device, resolve_dtype
     from .engine import Reranker
     from .fallback import rerank_with_fallback

@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .batch import DEFAULT_CHUNK_PAIRS
+from .cache import DEFAULT_CACHE_TTL_S
 from .console import command_logging, model_not_found_advice, one_line
 from .evaluate import FIRST_STAGES
 from .notices import notices_logged_only
@@ -51,6 +52,7 @@ from .server_defaults import (
     API_KEY_ENV,
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_CACHE_SIZE,
     DEFAULT_GRACEFUL_TIMEOUT_S,
     DEFAULT_HOST,
     DEFAULT_MAX_BATCH_PAIRS,
@@ -452,8 +454,11 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
             max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
             max_queue=args.max_queue,
             model_name=args.served_model_name,
+            cache_size=args.cache_size,
+            cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl or None,
         )
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: --cache-url without the [cache] extra
         raise CommandError(str(exc)) from exc
 
 
@@ -847,6 +852,23 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         f" (default: {DEFAULT_GRACEFUL_TIMEOUT_S:g})",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    cache = p.add_argument_group("score cache (repeated pairs are not scored again; also with --ray)")
+    cache.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=DEFAULT_CACHE_SIZE,
+        help=f"entries kept in process, about 240 bytes each (0: off; default: {DEFAULT_CACHE_SIZE})",
+    )
+    cache.add_argument(
+        "--cache-url",
+        help="redis://HOST:PORT/DB: a tier shared by every process and replica (needs the [cache] extra)",
+    )
+    cache.add_argument(
+        "--cache-ttl",
+        type=_non_negative_float,
+        default=DEFAULT_CACHE_TTL_S,
+        help=f"seconds a Redis entry lives (0: until Redis evicts it; default: {DEFAULT_CACHE_TTL_S})",
+    )
     ray = p.add_argument_group("Ray Serve (extra [ray])")
     ray.add_argument(
         "--ray", action="store_true", help="serve on Ray Serve: replicas of the model behind one endpoint"

@@ -53,6 +53,8 @@ class ScoreGroup:
         long_documents: Read long documents in windows (``None``: the backend's setting).
         max_windows: Most windows read per long document (``None``: the backend's setting);
             Cohere's ``max_chunks_per_doc``.
+        cache: Read and write the backend's score cache, if it has one; ``False``: score these
+            pairs afresh and store nothing (a request's ``"cache": false``).
     """
 
     query: str
@@ -62,6 +64,7 @@ class ScoreGroup:
     max_doc_tokens: int | None = None
     long_documents: bool | None = None
     max_windows: int | None = None
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,14 @@ class GroupScores:
         spans: For each document, the ``(start, end)`` character span of the window that gave
             its score, or ``None`` where the document was read whole (or cut as the model card
             does); ``None`` for the whole list when no window was used.
+        cached_tokens: Of ``tokens``, those of pairs answered from a score cache instead of
+            the model (``0`` without a cache).
     """
 
     logits: list[float]
     tokens: int | None = None
     spans: list[tuple[int, int] | None] | None = field(default=None)
+    cached_tokens: int = 0
 
 
 @runtime_checkable
@@ -177,10 +183,15 @@ class Scorer(Protocol):
 @runtime_checkable
 class LocalScorer(Scorer, Protocol):
     """A :class:`Scorer` whose model runs in this process and can count the tokens it reads
-    (what the HTTP service needs to enforce its token budget)."""
+    (what the HTTP service needs to enforce its token budget) and keep an exact score cache."""
 
     @property
     def max_length(self) -> int: ...
+
+    @property
+    def cache(self) -> Any: ...
+
+    def with_cache(self, cache: Any, *, cache_url: str | None = None) -> LocalScorer: ...
 
     def count_tokens(
         self,

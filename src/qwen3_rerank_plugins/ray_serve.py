@@ -212,6 +212,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
         "max_batch_pairs",
         "max_queue",
         "max_queued_requests",
+        "cache_size",
     )
     floats = (
         "num_cpus_per_replica",
@@ -220,6 +221,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
         "target_ongoing_requests",
         "graceful_shutdown_timeout_s",
         "body_timeout",
+        "cache_ttl",
     )
     kwargs: dict[str, Any] = {}
     for key, value in args.items():

@@ -398,6 +398,7 @@ class BaseReranker:
             check_optional_positive_int(group.max_windows, f"groups[{i}].max_windows")
             if group.long_documents is not None:
                 check_bool(group.long_documents, f"groups[{i}].long_documents")
+            check_bool(group.cache, f"groups[{i}].cache")
             out.append(dataclasses.replace(group, texts=texts, instruction=instruction))
         return out
 

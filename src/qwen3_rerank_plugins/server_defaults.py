@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .cache import DEFAULT_CACHE_TTL_S
 from .results import ConfidenceBands
 from .settings import DEFAULT_MODEL
 
@@ -20,6 +21,7 @@ __all__ = [
     "API_KEY_ENV",
     "DEFAULT_BATCH_WAIT_MS",
     "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_CACHE_SIZE",
     "DEFAULT_GRACEFUL_TIMEOUT_S",
     "DEFAULT_HOST",
     "DEFAULT_MAX_BATCH_PAIRS",
@@ -75,6 +77,10 @@ def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int{tail}, got {value!r}")
 
 
+#: Entries of the service's in-process score cache (about 240 bytes each: ~24 MB); 0 turns it off.
+DEFAULT_CACHE_SIZE = 100_000
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """The settings of one rerank service, checked when built (a bad one fails at start-up).
@@ -96,6 +102,11 @@ class ServiceConfig:
         max_batch_pairs: Most (query, document) pairs merged into one engine call.
         max_queue: Most requests waiting to be scored (503 with ``Retry-After`` beyond).
         model_name: Name reported in responses and ``/v1/models`` (``None``: the model's).
+        cache_size: Entries of the in-process score cache of each service process (each Ray
+            replica); ``0``: none.
+        cache_url: A Redis URL (``redis://HOST:PORT/DB``) for a score-cache tier shared by every
+            process and replica (``None``: none).
+        cache_ttl: Seconds a Redis entry lives (``None``: until Redis evicts it).
 
     Example:
         >>> ServiceConfig(max_documents=100).max_documents
@@ -112,6 +123,9 @@ class ServiceConfig:
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS
     max_queue: int = DEFAULT_MAX_QUEUE
     model_name: str | None = None
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_url: str | None = None
+    cache_ttl: float | None = DEFAULT_CACHE_TTL_S
 
     def __post_init__(self) -> None:
         _positive_int("max_documents", self.max_documents)
@@ -133,6 +147,18 @@ class ServiceConfig:
             raise TypeError(f"bands must be a ConfidenceBands, got {type(self.bands).__name__}")
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
             raise ValueError(f"model_name must be a non-empty string or None, got {self.model_name!r}")
+        size = self.cache_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"cache_size must be an int >= 0, got {size!r}")
+        self.score_cache()  # a bad cache_url or cache_ttl fails here, at start-up
+
+    def score_cache(self) -> Any:
+        """A new :class:`~qwen3_rerank_plugins.cache.ScoreCache` from these settings, or ``None``."""
+        from .cache import ScoreCache
+
+        if not self.cache_size and self.cache_url is None:
+            return None
+        return ScoreCache(self.cache_size, url=self.cache_url, ttl=self.cache_ttl)
 
     def with_options(self, **options: Any) -> ServiceConfig:
         """A copy with some settings changed; an unknown name is a ``TypeError`` naming it."""

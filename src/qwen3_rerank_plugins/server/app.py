@@ -62,7 +62,7 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 _RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
-_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics"})
+_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics", "/v1/cache/clear"})
 
 
 def create_app(
@@ -240,6 +240,28 @@ def create_app(
     )
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # An operator's endpoint, outside the published rerank contract (docs/serving.md, "Score cache").
+    @app.post(
+        "/v1/cache/clear",
+        summary="Empty the score cache (this process's tier and the shared Redis)",
+        dependencies=guarded,
+        include_in_schema=False,
+    )
+    async def clear_cache() -> JSONResponse:
+        cache = getattr(service.reranker, "cache", None)
+        if cache is None:
+            return JSONResponse({"cleared": {}})
+        try:
+            cleared = await asyncio.to_thread(cache.clear)
+        except Exception as exc:  # Redis unreachable: the in-process tier is cleared all the same
+            raise RequestError(
+                f"the shared score cache could not be cleared: {type(exc).__name__}: {exc}",
+                status_code=503,
+                type="cache_unavailable",
+            ) from exc
+        logger.info("Score cache cleared: %s", cleared)
+        return JSONResponse({"cleared": cleared})
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document, with this service's ``max_documents`` as ``maxItems``."""

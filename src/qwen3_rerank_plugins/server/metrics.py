@@ -6,7 +6,11 @@ one process serving two models) never collide over metric names.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
@@ -30,6 +34,12 @@ class ServiceMetrics:
         queue_depth: ``queue_depth`` requests waiting to be scored.
         model_loaded: ``model_loaded`` 1 once the model is ready.
         model_info: ``model_info{model, device, dtype}`` constant 1.
+
+    With a score cache (:meth:`watch_cache`), read from it at each scrape:
+    ``cache_hits_total{tier}`` (``memory``, ``redis``), ``cache_misses_total``,
+    ``cache_pairs_saved_total`` and ``cache_tokens_saved_total`` (pairs and prompt tokens
+    answered without the model), ``cache_errors_total{tier}`` (Redis calls that failed or timed
+    out), ``cache_entries`` and ``cache_bytes`` (the in-process tier), ``cache_evictions_total``.
     """
 
     def __init__(self) -> None:
@@ -74,6 +84,56 @@ class ServiceMetrics:
         self.batch_requests.observe(requests)
         self.batch_seconds.observe(seconds)
 
+    def watch_cache(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """Expose a score cache's counters (``stats`` is its :meth:`ScoreCache.stats`)."""
+        self.registry.register(_CacheCollector(stats))
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """The score cache's counters, read at scrape time (the cache counts; nothing is copied)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        hits = CounterMetricFamily(
+            "qwen3_rerank_cache_hits", "Pairs answered by a score-cache tier", labels=["tier"]
+        )
+        errors = CounterMetricFamily(
+            "qwen3_rerank_cache_errors", "Score-cache calls that failed or timed out", labels=["tier"]
+        )
+        for tier, n in s["hits"].items():
+            hits.add_metric([tier], n)
+        for tier, n in s["errors"].items():
+            errors.add_metric([tier], n)
+        yield hits
+        yield errors
+        yield CounterMetricFamily("qwen3_rerank_cache_misses", "Pairs no cache tier held", value=s["misses"])
+        yield CounterMetricFamily(
+            "qwen3_rerank_cache_pairs_saved", "Pairs answered without the model", value=s["pairs_saved"]
+        )
+        yield CounterMetricFamily(
+            "qwen3_rerank_cache_tokens_saved",
+            "Prompt tokens of pairs answered without the model",
+            value=s["tokens_saved"],
+        )
+        if "memory_entries" in s:
+            yield GaugeMetricFamily(
+                "qwen3_rerank_cache_entries", "Entries in the in-process cache", value=s["memory_entries"]
+            )
+            yield GaugeMetricFamily(
+                "qwen3_rerank_cache_bytes", "Estimated bytes of the in-process cache", value=s["memory_bytes"]
+            )
+            yield CounterMetricFamily(
+                "qwen3_rerank_cache_evictions",
+                "Entries dropped from the in-process cache (least recently used)",
+                value=s["memory_evictions"],
+            )

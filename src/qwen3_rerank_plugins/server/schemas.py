@@ -369,6 +369,7 @@ BooleanString = Annotated[str, Field(pattern=r"^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][S
 Flag = bool | BooleanString | None
 TokenCount = Annotated[int, Field(ge=1)]
 TopN = Annotated[int, Field(ge=0)]
+_CACHE_FLAG = "false: score afresh, neither reading nor filling the score cache (default true)"
 
 
 class _Request(BaseModel):
@@ -384,6 +385,8 @@ class _Request(BaseModel):
         windows = getattr(self, "max_chunks_per_doc", None)
         if windows is not None:
             caps.update(long_documents=True, max_windows=windows)
+        if getattr(self, "cache", None) is False:
+            caps["cache"] = False
         return {name: value for name, value in caps.items() if value is not None}
 
     def to_group(self, query: str | None = None) -> ScoreGroup:
@@ -461,6 +464,7 @@ class RerankRequest(_Request):
         description="Cohere v1: read a document longer than the budget in up to this many overlapping "
         "windows; it scores by its best window, whose character span comes back as `span`",
     )
+    cache: Flag = Field(True, description=_CACHE_FLAG)
 
     @model_validator(mode="before")
     @classmethod
@@ -475,6 +479,7 @@ class RerankRequest(_Request):
             data["top_n"] = _top_n(data)
             data["return_documents"] = _flag(data, "return_documents", True)
             data["raw_scores"] = _flag(data, "raw_scores", False)
+            data["cache"] = _flag(data, "cache", True)
             data["instruction"] = _instruction(data)
             _checked_limits(data, "max_tokens_per_doc", "max_tokens_per_query", "max_chunks_per_doc")
             data["truncate_prompt_tokens"] = _truncate_prompt_tokens(data)
@@ -559,6 +564,7 @@ class RankRequest(_Request):
     max_chunks_per_doc: TokenCount | None = Field(
         None, description="Read long documents in up to this many windows (see /v1/rerank)"
     )
+    cache: Flag = Field(True, description=_CACHE_FLAG)
 
     @model_validator(mode="before")
     @classmethod
@@ -586,6 +592,7 @@ class RankRequest(_Request):
             data["top_n"] = _top_n(data)
             data["instruction"] = _instruction(data)
             data["fallback"] = _flag(data, "fallback", False)
+            data["cache"] = _flag(data, "cache", True)
             _checked_limits(data, "max_tokens_per_doc", "max_tokens_per_query", "max_chunks_per_doc")
         return data
 

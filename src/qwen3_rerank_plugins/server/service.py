@@ -119,6 +119,11 @@ class RerankService:
 
     async def _activate(self, reranker: Any) -> None:
         config = self.config
+        cache = config.score_cache()
+        if cache is not None:  # each process (each Ray replica) its own tier; one Redis for all
+            reranker = reranker.with_cache(cache)
+        if reranker.cache is not None:
+            self.metrics.watch_cache(reranker.cache.stats)
         batcher = MicroBatcher(
             reranker,
             max_wait_ms=config.batch_wait_ms,
