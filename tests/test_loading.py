@@ -66,6 +66,58 @@ def test_directory_without_weights_or_config(tiny_model_dir, tmp_path):
         Reranker.from_pretrained(no_weights, device="cpu")
 
 
+# ------------------------------------------------------------------ the demo checkpoint loads quickly
+
+
+def _tokenizer_facts(path: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [
+        "发票怎么开 <|im_end|> yes",
+        "<|im_start|>system\nJudge<|endoftext|>",
+        "<think>\n\n</think>\n\n",
+        " a\tb\r\n",
+    ]
+    return {
+        "ids": [tok.encode(t, add_special_tokens=special) for t in texts for special in (True, False)],
+        "added": {i: repr(t) for i, t in tok.added_tokens_decoder.items()},
+        "special": (tok.all_special_ids, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id),
+        "settings": (tok.padding_side, tok.model_max_length, len(tok)),
+        "backend": tok.backend_tokenizer.to_str(),
+    }
+
+
+def test_demo_checkpoint_lists_its_added_tokens_and_an_old_cache_is_upgraded(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    # Listed, transformers reads the added tokens from the small tokenizer_config.json instead of
+    # parsing the whole 18.6 MB tokenizer.json in Python on every load.
+    listed = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert listed["151643"]["content"] == "<|endoftext|>" and listed["151643"]["special"] is True
+    assert listed["151668"]["content"] == "</think>" and listed["151668"]["special"] is False
+    assert len(listed) == 26
+
+    # A demo cache written by an earlier version (no list) is upgraded in place on first use,
+    # and the tokenizer it loads is the same as before in every respect.
+    old = tmp_path / "cache" / "random-qwen3-reranker-tiny"
+    shutil.copytree(tiny_model_dir, old)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    (old / ".complete").write_text(json.dumps({"size": "tiny", "random_weights": True}))
+    before = _tokenizer_facts(old)
+
+    from qwen3_rerank_plugins.demo import demo_model_dir
+
+    monkeypatch.setenv("QWEN3_RERANK_DEMO_CACHE", str(tmp_path / "cache"))
+    assert demo_model_dir("tiny") == old
+    assert json.loads((old / "tokenizer_config.json").read_text())["added_tokens_decoder"] == listed
+    assert _tokenizer_facts(old) == before
+    assert sorted(p.name for p in old.iterdir() if p.name.startswith(".")) == [".complete"]  # no staging left
+    assert demo_model_dir("tiny") == old  # idempotent
+
+
 # ------------------------------------------------------------------ hubs, at their boundary
 
 

@@ -302,8 +302,41 @@ def create_random_reranker(
         model = Qwen3ForCausalLM(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    _record_added_tokens(out)
     logger.info("Wrote a random-weight Qwen3-Reranker (%s, %s tokenizer) to %s", size, tokenizer, out)
     return out
+
+
+def _record_added_tokens(checkpoint: Path) -> bool:
+    """List the added tokens in ``tokenizer_config.json`` (``added_tokens_decoder``), as hub checkpoints do.
+
+    Without that list, ``AutoTokenizer.from_pretrained`` parses the whole ``tokenizer.json``
+    (18.6 MB for Qwen3's vocabulary) in Python just to find the added tokens, a second or more
+    on every load, on top of the Rust parse it does anyway. The list is taken from
+    ``tokenizer.json`` itself, so the loaded tokenizer is the same. Idempotent.
+
+    Returns:
+        Whether the file was written (``False``: the list was already there).
+    """
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return False
+    added = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    config["added_tokens_decoder"] = {
+        str(token["id"]): {key: value for key, value in token.items() if key != "id"} for token in added
+    }
+    # Replace atomically: another process may be loading this checkpoint right now.
+    fd, staging = tempfile.mkstemp(prefix=".tokenizer_config-", suffix=".json", dir=checkpoint)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        os.replace(staging, config_file)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return True
 
 
 def _default_cache_root() -> Path:
@@ -331,6 +364,11 @@ def demo_model_dir(size: str = "tiny", *, cache_dir: str | os.PathLike[str] | No
     root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
     target = root / f"random-qwen3-reranker-{size}"
     if (target / ".complete").is_file():
+        try:  # a checkpoint cached by an earlier version: make its tokenizer quick to load, once
+            if _record_added_tokens(target):
+                logger.info("Listed the added tokens in %s (faster tokenizer loading)", target)
+        except (OSError, ValueError, KeyError) as exc:  # read-only cache: it still loads, only slower
+            logger.debug("Could not list the added tokens in %s: %s", target, exc)
         return target
     root.mkdir(parents=True, exist_ok=True)
     logger.info("Building the random-weight demo model %s (once) in %s", size, target)
