@@ -394,7 +394,8 @@ class FailsOnPoison:
 def test_a_request_that_makes_the_worker_raise_fails_alone(reranker: Reranker) -> None:
     faulty = FailsOnPoison(reranker)
     # A long merge window puts all the requests in one engine call.
-    app = create_app(faulty, batch_wait_ms=1000, max_request_tokens=None)
+    # No score cache: the failure must reach the engine call the test double intercepts.
+    app = create_app(faulty, batch_wait_ms=1000, max_request_tokens=None, cache_size=0)
     bodies = [{"query": f"{QUERY} {i}", "documents": DOCS[: 1 + i % 3]} for i in range(8)]
     bodies.insert(3, {"query": QUERY, "documents": [DOCS[0], POISON]})
     responses: dict[int, httpx.Response] = {}
