@@ -85,7 +85,7 @@ class _Queued:
 
 
 #: Weight of the newest engine call in the moving average of the throughput.
-THROUGHPUT_SMOOTHING = 0.3
+THROUGHPUT_SMOOTHING = 0.5
 
 
 #: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
@@ -103,6 +103,10 @@ class MicroBatcher:
             whole (the engine splits it by its token budget).
         max_queue: Most requests waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
         observer: Optional callback ``(requests, pairs, seconds)`` after every engine call.
+        max_batch_seconds: Once a throughput has been measured, most estimated engine seconds
+            merged into one batch (at least one request): every request in a batch waits for
+            the whole batch, so this bounds what merging adds to a request's answer time
+            (``None``: merge by ``max_batch_pairs`` only).
 
     Example:
         >>> batcher = MicroBatcher(reranker)  # doctest: +SKIP
@@ -118,6 +122,7 @@ class MicroBatcher:
         max_batch_pairs: int = 256,
         max_queue: int = 1024,
         observer: BatchObserver | None = None,
+        max_batch_seconds: float | None = None,
     ) -> None:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
@@ -130,6 +135,7 @@ class MicroBatcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_queue = max_queue
         self.observer = observer
+        self.max_batch_seconds = max_batch_seconds
         self._items: deque[_Queued] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -160,11 +166,15 @@ class MicroBatcher:
         speed = self._throughput
         if speed is None:
             return None
-        wait = self._queued_cost / speed
+        remaining = 0.0
         if self._running_since is not None:
             elapsed = time.monotonic() - self._running_since
-            wait += max(0.0, self._running_cost / speed - elapsed)
-        return wait
+            remaining = max(0.0, self._running_cost / speed - elapsed)
+            if self._running_cost > 0 and elapsed * speed > self._running_cost:
+                # The batch being scored is already late: the engine is slower now than its
+                # average (a busy machine), so the queued work is counted at its speed.
+                speed = self._running_cost / elapsed
+        return remaining + self._queued_cost / speed
 
     async def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -287,6 +297,9 @@ class MicroBatcher:
         """Whole requests from the front of the queue, up to ``max_batch_pairs`` pairs (at least one)."""
         batch: list[_Queued] = []
         pairs = 0
+        cost = 0.0
+        speed = self._throughput
+        budget = None if speed is None or self.max_batch_seconds is None else self.max_batch_seconds * speed
         while self._items:
             item = self._items[0]
             if item.future.done():  # its client went away while it waited: nothing to score
@@ -298,12 +311,15 @@ class MicroBatcher:
                 continue
             if batch and pairs + len(item.group.texts) > self.max_batch_pairs:
                 break
+            if batch and budget is not None and cost + item.cost > budget:
+                break
             batch.append(self._items.popleft())
             self._queued_cost = max(0.0, self._queued_cost - item.cost)
             if item.timer is not None:  # its scoring starts now: no longer droppable
                 item.timer.cancel()
                 item.timer = None
             pairs += len(item.group.texts)
+            cost += item.cost
         if not self._items:
             self._queued_cost = 0.0  # no drift from float sums
         return batch

@@ -41,6 +41,10 @@ ScoreFn = Callable[[ScoreGroup], Awaitable[ScoredRequest]]
 
 RETRY_AFTER_LOADING = "5"
 RETRY_AFTER_BUSY = "1"
+#: With a wait limit, a merged batch holds at most this share of it in estimated engine time:
+#: a request waits for its whole batch, so its answer comes at most about the limit plus
+#: ``max(its own scoring time, BATCH_SHARE x limit)`` after it was admitted.
+BATCH_SHARE = 0.25
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
 
 
@@ -127,6 +131,7 @@ class RerankService:
             max_batch_pairs=config.max_batch_pairs,
             max_queue=config.max_queue,
             observer=self.metrics.observe_batch,
+            max_batch_seconds=None if config.max_queue_wait is None else config.max_queue_wait * BATCH_SHARE,
         )
         await batcher.start()
         self.reranker = reranker
