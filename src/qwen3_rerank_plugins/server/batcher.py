@@ -169,10 +169,13 @@ class MicroBatcher:
         remaining = 0.0
         if self._running_since is not None:
             elapsed = time.monotonic() - self._running_since
-            remaining = max(0.0, self._running_cost / speed - elapsed)
-            if self._running_cost > 0 and elapsed * speed > self._running_cost:
+            expected = self._running_cost / speed
+            remaining = expected - elapsed
+            if self._running_cost > 0 and elapsed > expected:
                 # The batch being scored is already late: the engine is slower now than its
-                # average (a busy machine), so the queued work is counted at its speed.
+                # average (a busy machine). It is assumed to need as long again as it is late,
+                # and the queued work is counted at its speed so far.
+                remaining = elapsed - expected
                 speed = self._running_cost / elapsed
         return remaining + self._queued_cost / speed
 
