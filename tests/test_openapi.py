@@ -28,6 +28,7 @@ PATHS = {
     "/rerank": "post",
     "/rank": "post",
     "/health": "get",
+    "/ready": "get",
     "/v1/models": "get",
     "/metrics": "get",
 }
@@ -59,7 +60,7 @@ def test_openapi_declares_bodies_responses_errors_and_auth(served: tuple[ServerT
             assert {"200", "400", "408", "413", "422", "503"} <= statuses
             error = operation["responses"]["422"]["content"]["application/json"]["schema"]
             assert error == {"$ref": "#/components/schemas/ErrorResponse"}
-        protected = path not in ("/health", "/metrics")
+        protected = path not in ("/health", "/ready", "/metrics")
         assert ("401" in statuses) is (key is not None and protected)
         assert ("security" in operation) is (key is not None and protected)
     assert "503" in spec["paths"]["/health"]["get"]["responses"]
@@ -134,7 +135,7 @@ def test_schemathesis_finds_nothing(served: tuple[ServerThread, str | None], tmp
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
-    assert "Selected: 7/7" in output and "Tested: 7" in output, output[-3000:]
+    assert "Selected: 8/8" in output and "Tested: 8" in output, output[-3000:]
     assert " passed" in output and "failures" not in output.split("SUMMARY")[-1].lower(), output[-3000:]
 
 

@@ -59,6 +59,7 @@ from .server_defaults import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_QUEUE_WAIT_S,
     DEFAULT_MAX_REQUEST_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_PORT,
@@ -453,6 +454,7 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
             batch_wait_ms=args.batch_wait_ms,
             max_batch_pairs=DEFAULT_MAX_BATCH_PAIRS if args.max_batch_pairs is None else args.max_batch_pairs,
             max_queue=args.max_queue,
+            max_queue_wait=args.max_queue_wait or None,
             model_name=args.served_model_name,
             cache_size=args.cache_size,
             cache_url=args.cache_url,
@@ -828,6 +830,14 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         type=_positive_int,
         default=DEFAULT_MAX_QUEUE,
         help=f"most waiting requests before 503 (default: {DEFAULT_MAX_QUEUE})",
+    )
+    p.add_argument(
+        "--max-queue-wait",
+        type=_non_negative_float,
+        default=DEFAULT_MAX_QUEUE_WAIT_S,
+        metavar="SECONDS",
+        help="refuse (503 + Retry-After) a request whose estimated wait to be scored is longer, and"
+        f" drop unscored one that waited longer (0: no limit; default: {DEFAULT_MAX_QUEUE_WAIT_S:g})",
     )
     p.add_argument(
         "--body-timeout",

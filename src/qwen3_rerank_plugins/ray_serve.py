@@ -194,7 +194,8 @@ def app_builder(args: Mapping[str, str]) -> Any:
     ``num_gpus_per_replica``, ``device``, ``dtype``, ``source``, ``max_length``, ``instruction``,
     ``api_key`` (default: ``$QWEN3_RERANK_API_KEY``), ``max_documents``, ``max_body_bytes``,
     ``body_timeout``, ``max_request_tokens``, ``max_batch_pairs``, ``batch_wait_ms``,
-    ``max_queue``, ``model_name``, ``max_queued_requests``, ``graceful_shutdown_timeout_s``.
+    ``max_queue``, ``max_queue_wait`` (seconds; 0: no limit), ``model_name``, ``max_queued_requests``,
+    ``graceful_shutdown_timeout_s``.
 
     Example:
         ``serve run qwen3_rerank_plugins.ray_serve:app_builder model=Qwen/Qwen3-Reranker-0.6B replicas=2``
@@ -222,6 +223,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
         "graceful_shutdown_timeout_s",
         "body_timeout",
         "cache_ttl",
+        "max_queue_wait",
     )
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
@@ -230,6 +232,8 @@ def app_builder(args: Mapping[str, str]) -> Any:
         except ValueError:
             kind = "an integer" if key in ints else "a number"
             raise ValueError(f"{key} must be {kind}, got {value!r}") from None
+    if kwargs.get("max_queue_wait") == 0:
+        kwargs["max_queue_wait"] = None
     kwargs.setdefault("api_key", api_key_from_env())
     return build_app(kwargs.pop("model"), **kwargs)
 

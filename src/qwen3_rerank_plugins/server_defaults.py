@@ -28,10 +28,12 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_DOCUMENTS",
     "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_QUEUE_WAIT_S",
     "DEFAULT_MAX_REQUEST_TOKENS",
     "DEFAULT_MODEL",
     "DEFAULT_PORT",
     "DEFAULT_UI_PORT",
+    "REQUEST_TIMEOUT_HEADER",
     "ServiceConfig",
     "api_key_from_env",
 ]
@@ -52,6 +54,11 @@ DEFAULT_BATCH_WAIT_MS = 2.0
 DEFAULT_MAX_BATCH_PAIRS = 256
 #: Most requests waiting to be scored (503 beyond).
 DEFAULT_MAX_QUEUE = 1024
+#: Longest a request may wait to be scored (its estimated wait, then its actual one; 503 with
+#: ``Retry-After`` beyond). Justified in docs/serving.md ("Overload").
+DEFAULT_MAX_QUEUE_WAIT_S = 10.0
+#: Header in which a client states its own deadline, in seconds from when its body was read.
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
 #: Seconds a stopping server gives requests in flight.
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 #: Seconds a request's body may take to arrive, from its headers on (408 beyond).
@@ -101,6 +108,9 @@ class ServiceConfig:
         batch_wait_ms: How long an idle batcher waits for concurrent requests to merge.
         max_batch_pairs: Most (query, document) pairs merged into one engine call.
         max_queue: Most requests waiting to be scored (503 with ``Retry-After`` beyond).
+        max_queue_wait: Longest a request may wait to be scored, in seconds: refused at once
+            (503 with ``Retry-After``) when its estimated wait is longer, dropped before scoring
+            when it waited longer anyway (``None``: no limit).
         model_name: Name reported in responses and ``/v1/models`` (``None``: the model's).
         cache_size: Entries of the in-process score cache of each service process (each Ray
             replica); ``0``: none.
@@ -122,6 +132,7 @@ class ServiceConfig:
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue_wait: float | None = DEFAULT_MAX_QUEUE_WAIT_S
     model_name: str | None = None
     cache_size: int = DEFAULT_CACHE_SIZE
     cache_url: str | None = None
@@ -140,6 +151,11 @@ class ServiceConfig:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
             raise ValueError(f"body_timeout must be a positive number of seconds or None, got {timeout!r}")
+        limit = self.max_queue_wait
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf")
+        ):
+            raise ValueError(f"max_queue_wait must be a positive number of seconds or None, got {limit!r}")
         wait = self.batch_wait_ms
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
             raise ValueError(f"batch_wait_ms must be a number >= 0, got {wait!r}")

@@ -6,7 +6,8 @@ Endpoints (see ``docs/serving.md`` for the full contract):
   and vLLM clients speak. ``/rerank`` also answers text-embeddings-inference clients, which send
   ``texts`` instead of ``documents``.
 * ``POST /rank``: ``{query, documents: [{id, text}]}`` -> ``{results: [{id, score, band}]}``.
-* ``GET /health``: 503 while the model loads, 200 once it serves.
+* ``GET /health``: 503 while the model loads, 200 once it serves (however busy).
+* ``GET /ready``: 200 when a request sent now would be admitted, 503 when it would be refused.
 * ``GET /v1/models``: OpenAI-style list holding the served model.
 * ``GET /metrics``: Prometheus metrics of this app.
 """
@@ -41,6 +42,7 @@ from .responses import (
     HealthOk,
     ModelList,
     RankResponse,
+    Readiness,
     RerankResponse,
     TeiRerankResult,
 )
@@ -62,7 +64,9 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 _RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
-_KNOWN_PATHS = frozenset({*_RERANK_PATHS, "/rank", "/health", "/v1/models", "/metrics", "/v1/cache/clear"})
+_KNOWN_PATHS = frozenset(
+    {*_RERANK_PATHS, "/rank", "/health", "/ready", "/v1/models", "/metrics", "/v1/cache/clear"}
+)
 
 
 def create_app(
@@ -84,7 +88,7 @@ def create_app(
         **options: Settings that replace ``config``'s, by :class:`ServiceConfig` field name
             (``api_key``, ``max_documents``, ``max_body_bytes``, ``body_timeout``,
             ``max_request_tokens``, ``bands``, ``batch_wait_ms``, ``max_batch_pairs``,
-            ``max_queue``, ``model_name``).
+            ``max_queue``, ``max_queue_wait``, ``model_name``).
 
     Returns:
         The FastAPI application; its :class:`~.service.RerankService` is ``app.state.service``.
@@ -165,6 +169,17 @@ def create_app(
     )
     async def health() -> Response:
         status, body, headers = service.health()
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.get(
+        "/ready",
+        summary="200 when new work would be admitted, 503 when it would be refused (for load balancers)",
+        response_model=Readiness,
+        response_model_exclude_unset=True,
+        responses={503: {"model": Readiness, "description": "New work would be refused now"}},
+    )
+    async def ready() -> Response:
+        status, body, headers = service.readiness()
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get(

@@ -33,6 +33,7 @@ __all__ = [
     "QueueFullError",
     "ScoreRequest",
     "ScoredRequest",
+    "WaitedTooLongError",
     "score_requests",
 ]
 
@@ -57,11 +58,34 @@ class ScoredRequest:
     spans: list[tuple[int, int] | None] | None = None
 
 
-class _Queued(NamedTuple):
-    """One request waiting in the queue: its work and the future its scores go to."""
+class WaitedTooLongError(RuntimeError):
+    """A queued request reached its deadline before its scoring started; it was not scored.
+
+    Attributes:
+        reason: What set the deadline: ``"waited_too_long"`` (the service's ``max_queue_wait``)
+            or ``"deadline"`` (the client's own).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Queued:
+    """One request waiting in the queue: its work, the future its scores go to, its estimated
+    cost (prompt tokens), and the deadline by which its scoring must have started."""
 
     group: ScoreGroup
     future: asyncio.Future[ScoredRequest]
+    cost: float = 0.0
+    reason: str = "waited_too_long"
+    start_by: float | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+#: Weight of the newest engine call in the moving average of the throughput.
+THROUGHPUT_SMOOTHING = 0.5
 
 
 #: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
@@ -79,6 +103,10 @@ class MicroBatcher:
             whole (the engine splits it by its token budget).
         max_queue: Most requests waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
         observer: Optional callback ``(requests, pairs, seconds)`` after every engine call.
+        max_batch_seconds: Once a throughput has been measured, most estimated engine seconds
+            merged into one batch (at least one request): every request in a batch waits for
+            the whole batch, so this bounds what merging adds to a request's answer time
+            (``None``: merge by ``max_batch_pairs`` only).
 
     Example:
         >>> batcher = MicroBatcher(reranker)  # doctest: +SKIP
@@ -94,6 +122,7 @@ class MicroBatcher:
         max_batch_pairs: int = 256,
         max_queue: int = 1024,
         observer: BatchObserver | None = None,
+        max_batch_seconds: float | None = None,
     ) -> None:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
@@ -106,16 +135,49 @@ class MicroBatcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_queue = max_queue
         self.observer = observer
+        self.max_batch_seconds = max_batch_seconds
         self._items: deque[_Queued] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._queued_cost = 0.0
+        self._running_cost = 0.0
+        self._running_since: float | None = None
+        self._throughput: float | None = None
 
     @property
     def pending(self) -> int:
         """Requests waiting in the queue (not counting the batch being scored)."""
         return len(self._items)
+
+    @property
+    def throughput(self) -> float | None:
+        """Moving average of the prompt tokens scored per second by the engine calls so far
+        (``None`` until a call with a known cost has been measured)."""
+        return self._throughput
+
+    def estimated_wait(self) -> float | None:
+        """Seconds a request queued now would wait before its scoring starts: the rest of the
+        batch being scored plus the work queued ahead, at the measured :attr:`throughput`.
+
+        ``None`` until the first engine call has been measured: the batcher assumes no speed.
+        """
+        speed = self._throughput
+        if speed is None:
+            return None
+        remaining = 0.0
+        if self._running_since is not None:
+            elapsed = time.monotonic() - self._running_since
+            expected = self._running_cost / speed
+            remaining = expected - elapsed
+            if self._running_cost > 0 and elapsed > expected:
+                # The batch being scored is already late: the engine is slower now than its
+                # average (a busy machine). It is assumed to need as long again as it is late,
+                # and the queued work is counted at its speed so far.
+                remaining = elapsed - expected
+                speed = self._running_cost / elapsed
+        return remaining + self._queued_cost / speed
 
     async def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -125,25 +187,62 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3-rerank-batch")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="qwen3-rerank-batcher")
 
-    async def submit(self, group: ScoreGroup) -> ScoredRequest:
+    async def submit(
+        self,
+        group: ScoreGroup,
+        *,
+        cost: float = 0.0,
+        start_by: float | None = None,
+        reason: str = "waited_too_long",
+    ) -> ScoredRequest:
         """Queue one request's :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` and wait for its scores.
 
         The group's own caps (``max_query_tokens``, ``max_doc_tokens``, ``long_documents``,
         ``max_windows``) override the engine's settings for this request. Cancelling the wait
         drops the request from the queue (or discards its scores if it is being scored).
 
+        Args:
+            group: The request's work.
+            cost: Its prompt tokens (what :meth:`estimated_wait` and :attr:`throughput` count).
+            start_by: ``time.monotonic()`` by which its scoring must have started; past it the
+                request leaves the queue unscored (:class:`WaitedTooLongError`).
+            reason: The :attr:`WaitedTooLongError.reason` it then gets.
+
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
             BatcherClosedError: The batcher is closing or was never started.
+            WaitedTooLongError: ``start_by`` passed while it waited.
         """
         if self._closing or self._worker is None or self._wakeup is None:
             raise BatcherClosedError("the service is shutting down")
         if len(self._items) >= self.max_queue:
             raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
-        future: asyncio.Future[ScoredRequest] = asyncio.get_running_loop().create_future()
-        self._items.append(_Queued(group, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ScoredRequest] = loop.create_future()
+        item = _Queued(group, future, float(cost), reason, start_by)
+        if start_by is not None:
+            item.timer = loop.call_at(loop.time() + (start_by - time.monotonic()), self._expire, item)
+        self._items.append(item)
+        self._queued_cost += item.cost
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        finally:
+            if item.timer is not None:
+                item.timer.cancel()
+
+    def _expire(self, item: _Queued) -> None:
+        """An item's deadline passed before its scoring started: answer it now, unscored (the
+        worker skips it since its future is done)."""
+        item.timer = None
+        if item.future.done() or item not in self._items:
+            return
+        self._items.remove(item)
+        self._queued_cost = max(0.0, self._queued_cost - item.cost)
+        what = "its own deadline" if item.reason == "deadline" else "the service's max_queue_wait"
+        item.future.set_exception(
+            WaitedTooLongError(f"the request waited past {what} before it could be scored", item.reason)
+        )
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""
@@ -174,6 +273,8 @@ class MicroBatcher:
             batch = self._take()
             if not batch:
                 continue
+            cost = sum(item.cost for item in batch)
+            self._running_cost, self._running_since = cost, time.monotonic()
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._score_batch, batch)
             except asyncio.CancelledError:
@@ -182,21 +283,48 @@ class MicroBatcher:
                 raise
             except Exception as exc:  # the worker must never leave a request waiting
                 outcomes = [exc] * len(batch)
+            finally:
+                elapsed = time.monotonic() - self._running_since
+                self._running_cost, self._running_since = 0.0, None
+            if cost > 0 and elapsed > 0 and any(not isinstance(o, Exception) for o in outcomes):
+                self._measure(cost / elapsed)
             self._settle(batch, outcomes)
+
+    def _measure(self, tokens_per_second: float) -> None:
+        """Fold one engine call's speed into the moving average of the throughput."""
+        old = self._throughput
+        a = THROUGHPUT_SMOOTHING
+        self._throughput = tokens_per_second if old is None else a * tokens_per_second + (1 - a) * old
 
     def _take(self) -> list[_Queued]:
         """Whole requests from the front of the queue, up to ``max_batch_pairs`` pairs (at least one)."""
         batch: list[_Queued] = []
         pairs = 0
+        cost = 0.0
+        speed = self._throughput
+        budget = None if speed is None or self.max_batch_seconds is None else self.max_batch_seconds * speed
         while self._items:
             item = self._items[0]
             if item.future.done():  # its client went away while it waited: nothing to score
                 self._items.popleft()
+                self._queued_cost = max(0.0, self._queued_cost - item.cost)
+                continue
+            if item.start_by is not None and time.monotonic() > item.start_by:
+                self._expire(item)  # its timer has not fired yet: never score it late
                 continue
             if batch and pairs + len(item.group.texts) > self.max_batch_pairs:
                 break
+            if batch and budget is not None and cost + item.cost > budget:
+                break
             batch.append(self._items.popleft())
+            self._queued_cost = max(0.0, self._queued_cost - item.cost)
+            if item.timer is not None:  # its scoring starts now: no longer droppable
+                item.timer.cancel()
+                item.timer = None
             pairs += len(item.group.texts)
+            cost += item.cost
+        if not self._items:
+            self._queued_cost = 0.0  # no drift from float sums
         return batch
 
     @staticmethod

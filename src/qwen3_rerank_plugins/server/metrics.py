@@ -32,6 +32,15 @@ class ServiceMetrics:
         batch_requests: ``batch_requests`` requests merged into one engine call.
         batch_seconds: ``batch_duration_seconds`` time in the engine per call.
         queue_depth: ``queue_depth`` requests waiting to be scored.
+        refusals: ``refusals_total{reason}`` scoring requests refused with 503: ``queue_full``
+            (``max_queue``), ``estimated_wait`` (refused at once: estimated wait past
+            ``max_queue_wait``), ``waited_too_long`` (admitted, but waited past it; dropped
+            unscored), ``deadline`` (the client's ``X-Request-Timeout`` passed or would have
+            before scoring), ``model_loading``.
+        estimated_wait: ``estimated_wait_seconds`` how long a request sent now would wait
+            before its scoring starts (NaN until the first engine call is measured).
+        throughput: ``throughput_tokens_per_second`` moving average of prompt tokens scored
+            per second (what the estimate divides by; NaN until measured).
         model_loaded: ``model_loaded`` 1 once the model is ready.
         model_info: ``model_info{model, device, dtype}`` constant 1.
 
@@ -72,6 +81,19 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("qwen3_rerank_queue_depth", "Requests waiting to be scored", registry=r)
+        self.refusals = Counter(
+            "qwen3_rerank_refusals", "Scoring requests refused with 503, by reason", ["reason"], registry=r
+        )
+        self.estimated_wait = Gauge(
+            "qwen3_rerank_estimated_wait_seconds",
+            "Estimated wait before scoring of a request sent now (NaN until measured)",
+            registry=r,
+        )
+        self.throughput = Gauge(
+            "qwen3_rerank_throughput_tokens_per_second",
+            "Moving average of prompt tokens scored per second (NaN until measured)",
+            registry=r,
+        )
         self.model_loaded = Gauge("qwen3_rerank_model_loaded", "1 once the model is loaded", registry=r)
         self.model_info = Gauge(
             "qwen3_rerank_model_info", "The loaded model", ["model", "device", "dtype"], registry=r

@@ -17,6 +17,7 @@ __all__ = [
     "HealthOk",
     "ModelList",
     "RankResponse",
+    "Readiness",
     "RerankResponse",
     "TeiRerankResult",
 ]
@@ -115,6 +116,20 @@ class HealthDown(BaseModel):
     error: str | None = None
 
 
+class Readiness(BaseModel):
+    """``GET /ready``: whether a request sent now would be admitted (for load balancers)."""
+
+    ready: bool
+    reason: Literal["loading", "error", "queue_full", "overloaded"] | None = Field(
+        None, description="Why new work would be refused"
+    )
+    queue: int | None = Field(None, description="Requests waiting to be scored")
+    estimated_wait_s: float | None = Field(
+        None, description="Estimated wait before scoring (null until the first engine call is measured)"
+    )
+    max_queue_wait_s: float | None = Field(None, description="The service's max_queue_wait (null: no limit)")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -148,5 +163,8 @@ ERROR_DESCRIPTIONS = {
     408: "The body did not arrive within the service's body timeout",
     413: "Too many documents, too large a body, or too many tokens",
     422: "A field is missing or invalid (error.param names it)",
-    503: "The model is loading or failed to load, the queue is full, or the service is shutting down",
+    503: (
+        "The model is loading or failed to load, the queue is full, the request would wait (or"
+        " waited) past max_queue_wait or its X-Request-Timeout, or the service is shutting down"
+    ),
 }

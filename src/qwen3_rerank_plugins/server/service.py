@@ -4,7 +4,8 @@ One :class:`RerankService` per app (and per Ray Serve replica). The routes in :m
 parse, authenticate and shape answers; everything that decides whether and how a request is
 scored is here, each in one place:
 
-* :meth:`RerankService.admit` admits or refuses work (model not ready, token budget, queue full);
+* :meth:`RerankService.admit` admits or refuses work (model not ready, token budget, queue full,
+  estimated wait past ``max_queue_wait`` or past the client's own deadline);
 * :meth:`RerankService.serve_request` wraps one HTTP request (cancelled when its client hangs up);
 * :meth:`RerankService.score` is the one path to the engine: a request's
   :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` queued on the :class:`~.batcher.MicroBatcher`,
@@ -16,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..protocol import LocalScorer, ScoreGroup, Scorer, precision_name
-from ..server_defaults import ServiceConfig
+from ..server_defaults import REQUEST_TIMEOUT_HEADER, ServiceConfig
 from ..validation import InputTooLongError
-from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest
+from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest, WaitedTooLongError
 from .handlers import check_bearer
 from .metrics import ServiceMetrics
 from .schemas import RequestError
@@ -39,6 +41,10 @@ ScoreFn = Callable[[ScoreGroup], Awaitable[ScoredRequest]]
 
 RETRY_AFTER_LOADING = "5"
 RETRY_AFTER_BUSY = "1"
+#: With a wait limit, a merged batch holds at most this share of it in estimated engine time:
+#: a request waits for its whole batch, so its answer comes at most about the limit plus
+#: ``max(its own scoring time, BATCH_SHARE x limit)`` after it was admitted.
+BATCH_SHARE = 0.25
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
 
 
@@ -130,6 +136,7 @@ class RerankService:
             max_batch_pairs=config.max_batch_pairs,
             max_queue=config.max_queue,
             observer=self.metrics.observe_batch,
+            max_batch_seconds=None if config.max_queue_wait is None else config.max_queue_wait * BATCH_SHARE,
         )
         await batcher.start()
         self.reranker = reranker
@@ -137,6 +144,8 @@ class RerankService:
         device, dtype = str(reranker.device), precision_name(reranker)
         self.metrics.model_info.labels(self.model_name, device, dtype).set(1)
         self.metrics.queue_depth.set_function(lambda: batcher.pending)
+        self.metrics.estimated_wait.set_function(lambda: _or_nan(batcher.estimated_wait()))
+        self.metrics.throughput.set_function(lambda: _or_nan(batcher.throughput))
         self.metrics.model_loaded.set(1)
         self.batcher = batcher
         logger.info("Serving %s on %s (%s)", self.model_name, device, dtype)
@@ -177,6 +186,34 @@ class RerankService:
             down["error"] = self.load_error
         return 503, down, None if self.load_error else {"Retry-After": RETRY_AFTER_LOADING}
 
+    def readiness(self) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """``(status, body, headers)`` of ``GET /ready``: 200 when a request sent now would be
+        admitted, 503 (with ``Retry-After``) when it would be refused: the model is loading or
+        failed to, the queue is full, or the estimated wait is past ``max_queue_wait``.
+
+        Unlike ``/health`` (200 while the process serves, however busy), this is the signal for
+        a load balancer to send new work elsewhere.
+        """
+        limit = self.config.max_queue_wait
+        batcher = self.batcher
+        if batcher is None:
+            status, body, headers = self.health()
+            return status, {"ready": False, "reason": body["status"]}, headers
+        wait = batcher.estimated_wait()
+        body: dict[str, Any] = {
+            "ready": True,
+            "queue": batcher.pending,
+            "estimated_wait_s": None if wait is None else round(wait, 3),
+            "max_queue_wait_s": limit,
+        }
+        if batcher.pending >= batcher.max_queue:
+            body.update(ready=False, reason="queue_full")
+            return 503, body, {"Retry-After": RETRY_AFTER_BUSY}
+        if limit is not None and wait is not None and wait > limit:
+            body.update(ready=False, reason="overloaded")
+            return 503, body, {"Retry-After": _retry_after(wait - limit)}
+        return 200, body, None
+
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the OpenAI-style list holding the served model (empty while loading)."""
         data = []
@@ -195,13 +232,28 @@ class RerankService:
         the client disconnects (answered 499, which nobody reads).
         """
 
+        deadline = request_deadline(request.headers.get(REQUEST_TIMEOUT_HEADER))
+
         async def score(group: ScoreGroup) -> ScoredRequest:
-            return await _unless_disconnected(request, self.score(group))
+            return await _unless_disconnected(request, self.score(group, deadline=deadline))
 
         return await answer(score)
 
-    async def admit(self, group: ScoreGroup) -> MicroBatcher:
+    async def admit(self, group: ScoreGroup, *, deadline: float | None = None) -> MicroBatcher:
         """Admit one request's work or refuse it; the one place that decides.
+
+        Admission by time: the batcher estimates how long a request queued now would wait
+        before its scoring starts (the prompt tokens queued ahead and the rest of the batch
+        being scored, at the tokens/s it has measured). A request is refused at once when that
+        estimate is past ``max_queue_wait`` or past its own ``deadline``. Before the first
+        engine call has been measured there is no estimate: the service assumes nothing about
+        its speed and admits (up to ``max_queue``); the batcher's drop of a request that waited
+        past its limit still keeps it from being scored late.
+
+        Args:
+            group: The request's work.
+            deadline: ``time.monotonic()`` by which the client wants its scoring started
+                (from ``X-Request-Timeout``), or ``None``.
 
         Returns:
             The batcher to queue it on.
@@ -209,7 +261,10 @@ class RerankService:
         Raises:
             RequestError: 503 while the model loads (``Retry-After``) or after it failed to;
                 413 ``too_many_tokens`` when it would make the model read more than
-                ``max_request_tokens``; 503 ``overloaded`` when the queue is full.
+                ``max_request_tokens``; 503 ``overloaded`` (``Retry-After``) when the queue is
+                full or the estimated wait is past ``max_queue_wait``; 503 ``deadline_exceeded``
+                (``Retry-After``) when the client's deadline has passed or would before its
+                scoring starts.
         """
         batcher = self.batcher
         if batcher is None:
@@ -217,6 +272,7 @@ class RerankService:
                 raise RequestError(
                     f"the model failed to load: {self.load_error}", status_code=503, type="model_unavailable"
                 )
+            self.metrics.refusals.labels("model_loading").inc()
             raise RequestError(
                 "the model is still loading; retry shortly",
                 status_code=503,
@@ -226,23 +282,84 @@ class RerankService:
         if self.config.max_request_tokens is not None:
             await _check_token_budget(self.reranker, group, self.config.max_request_tokens)
         if batcher.pending >= batcher.max_queue:
+            self.metrics.refusals.labels("queue_full").inc()
             raise _overloaded(f"{batcher.pending} requests are already waiting to be scored")
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise self._refuse_deadline("its deadline (X-Request-Timeout) passed before it was admitted", 0.0)
+        wait = batcher.estimated_wait()
+        if wait is None:
+            return batcher
+        limit = self.config.max_queue_wait
+        if limit is not None and wait > limit:
+            self.metrics.refusals.labels("estimated_wait").inc()
+            raise _overloaded(
+                f"estimated wait {wait:.1f} s is past max_queue_wait {limit:g} s", retry_after=wait - limit
+            )
+        if deadline is not None and now + wait > deadline:
+            raise self._refuse_deadline(
+                f"its estimated wait of {wait:.1f} s ends past its deadline (X-Request-Timeout)",
+                now + wait - deadline,
+            )
         return batcher
 
-    async def score(self, group: ScoreGroup) -> ScoredRequest:
+    def _refuse_deadline(self, reason: str, late: float) -> RequestError:
+        self.metrics.refusals.labels("deadline").inc()
+        return RequestError(
+            f"the request cannot be scored in time: {reason}",
+            status_code=503,
+            type="deadline_exceeded",
+            headers={"Retry-After": _retry_after(late)},
+        )
+
+    async def _cost(self, group: ScoreGroup) -> float:
+        """The group's prompt tokens: what admission by time counts (counted in a thread)."""
+        reranker, limits = self.reranker, _limits(group)
+        tokens = await asyncio.to_thread(
+            reranker.count_tokens, group.query, list(group.texts), group.instruction, **limits
+        )
+        return float(tokens)
+
+    async def score(self, group: ScoreGroup, *, deadline: float | None = None) -> ScoredRequest:
         """Admit one group, queue it, and return its scores; engine errors become HTTP errors.
 
+        Args:
+            group: The work.
+            deadline: ``time.monotonic()`` by which its scoring must start (the client's), or ``None``.
+
         Raises:
-            RequestError: As :meth:`admit`; 422 for input the engine refuses (naming the field
-                when it can); 503 while shutting down; 500 when the engine fails.
+            RequestError: As :meth:`admit`; 503 ``overloaded`` / ``deadline_exceeded`` when it
+                waited in the queue past ``max_queue_wait`` / its deadline (it is then not
+                scored); 422 for input the engine refuses (naming the field when it can); 503
+                while shutting down; 500 when the engine fails.
         """
         try:
-            batcher = await self.admit(group)
-            return await batcher.submit(group)
+            batcher = await self.admit(group, deadline=deadline)
+            limit = self.config.max_queue_wait
+            start_by, reason = deadline, "deadline"
+            if limit is not None and (deadline is None or time.monotonic() + limit < deadline):
+                start_by, reason = time.monotonic() + limit, "waited_too_long"
+            # Every request's tokens are counted, deadline or not: they are the work queued
+            # ahead of the next one, and what the throughput is measured in.
+            cost = await self._cost(group)
+            return await batcher.submit(group, cost=cost, start_by=start_by, reason=reason)
         except RequestError:
             raise
         except QueueFullError as exc:
+            self.metrics.refusals.labels("queue_full").inc()
             raise _overloaded(str(exc)) from exc
+        except WaitedTooLongError as exc:
+            self.metrics.refusals.labels(exc.reason).inc()
+            wait = self.batcher.estimated_wait() if self.batcher is not None else None
+            if exc.reason == "deadline":
+                raise RequestError(
+                    f"the request cannot be scored in time: {exc}",
+                    status_code=503,
+                    type="deadline_exceeded",
+                    headers={"Retry-After": _retry_after(0.0)},
+                ) from exc
+            limit = self.config.max_queue_wait or 0.0
+            raise _overloaded(str(exc), retry_after=(wait or 0.0) - limit) from exc
         except BatcherClosedError as exc:
             raise RequestError(
                 "the service is shutting down",
@@ -261,13 +378,50 @@ class RerankService:
             ) from exc
 
 
-def _overloaded(reason: str) -> RequestError:
+def _overloaded(reason: str, *, retry_after: float = 0.0) -> RequestError:
     return RequestError(
         f"the service is overloaded ({reason}); retry shortly",
         status_code=503,
         type="overloaded",
-        headers={"Retry-After": RETRY_AFTER_BUSY},
+        headers={"Retry-After": _retry_after(retry_after)},
     )
+
+
+#: Longest ``Retry-After`` the service advises, in seconds.
+MAX_RETRY_AFTER_S = 60
+
+
+def _retry_after(seconds: float) -> str:
+    """``Retry-After`` for a backlog expected to clear in ``seconds``: whole seconds, 1 to 60."""
+    if not math.isfinite(seconds):
+        return str(MAX_RETRY_AFTER_S)
+    return str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds))))
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def request_deadline(header: str | None) -> float | None:
+    """The ``time.monotonic()`` deadline that an ``X-Request-Timeout: <seconds>`` header sets
+    (counted from now, when the service has read the request), or ``None`` without one.
+
+    Raises:
+        RequestError: 422 naming the header when it is not a positive number of seconds.
+    """
+    if header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RequestError(
+            f"{REQUEST_TIMEOUT_HEADER} must be a positive number of seconds, got {header!r}",
+            status_code=422,
+            param=REQUEST_TIMEOUT_HEADER,
+        )
+    return time.monotonic() + seconds
 
 
 def check_servable(reranker: Any) -> None:

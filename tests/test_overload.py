@@ -1,0 +1,284 @@
+"""Bounded latency under overload: admission by time, client deadlines, /ready and the metrics.
+
+Everything goes over real HTTP on 127.0.0.1 to uvicorn serving the real app on the tiny random
+Qwen3. To make the tiny model slow enough to overload in a second, a forward pre-hook sleeps in
+each of its forward passes (the engine, its batching and its scores stay the real ones); the
+expected scores always come from the engine itself. Arrivals are open-loop: each request is sent
+at its scheduled time whatever the answers before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import ServerThread, wait_for
+from qwen3_rerank_plugins import Reranker
+from qwen3_rerank_plugins.server import create_app
+from qwen3_rerank_plugins.server_defaults import DEFAULT_MAX_QUEUE_WAIT_S, ServiceConfig
+
+QUERY = "发票怎么开"
+DOCS = [
+    "【发票申请指南】在订单详情页点击“申请开票”，填写抬头和税号即可。",
+    "[FAQ] 订单发货时间：付款后48小时内发货，可在“我的订单”中查看物流。",
+    "[Policy] Refunds are issued to the original payment method within 7 business days.",
+]
+PASS_SECONDS = 0.04  # sleep in each forward pass of the paced model
+
+
+@contextlib.contextmanager
+def paced(reranker: Reranker, seconds: float = PASS_SECONDS) -> Iterator[list[int]]:
+    """Each forward pass of the real engine sleeps ``seconds`` first; yields the rows per pass."""
+    passes: list[int] = []
+
+    def pace(module: Any, args: Any, kwargs: Any) -> None:
+        passes.append(kwargs["input_ids"].shape[0])
+        time.sleep(seconds)
+
+    handle = reranker._core.backbone.register_forward_pre_hook(pace, with_kwargs=True)
+    try:
+        yield passes
+    finally:
+        handle.remove()
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _refusals(metrics: dict[Any, float], reason: str) -> float:
+    return metrics.get(("qwen3_rerank_refusals_total", (("reason", reason),)), 0.0)
+
+
+PAIRS = "qwen3_rerank_pairs_scored_total", ()
+
+
+def _expected(reranker: Reranker, query: str, docs: list[str]) -> dict[int, float]:
+    return {r.index: r.score for r in reranker.rerank(query, docs)}
+
+
+def _check_exact(response: httpx.Response, expected: dict[int, float]) -> None:
+    assert response.status_code == 200, response.text
+    got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+    assert got.keys() == expected.keys()
+    for i, score in expected.items():
+        assert got[i] == pytest.approx(score, abs=1e-5)
+
+
+def _check_refusal(response: httpx.Response, kind: str) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["type"] == kind
+    retry_after = int(response.headers["retry-after"])
+    assert 1 <= retry_after <= 60
+
+
+async def _open_loop(
+    url: str, bodies: list[dict[str, Any]], rate: float, headers: dict[str, str] | None = None
+) -> list[tuple[httpx.Response, float]]:
+    """Send ``bodies`` at ``rate`` per second on a fixed schedule; (response, seconds) each."""
+
+    async def one(client: httpx.AsyncClient, at: float, body: dict[str, Any]) -> tuple[httpx.Response, float]:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        sent = time.monotonic()
+        response = await client.post("/v1/rerank", json=body, headers=headers)
+        return response, time.monotonic() - sent
+
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        start = time.monotonic() + 0.05
+        return await asyncio.gather(*(one(client, start + i / rate, b) for i, b in enumerate(bodies)))
+
+
+def _single_request_seconds(client: httpx.Client, rounds: int = 3) -> float:
+    best = math.inf
+    for _ in range(rounds):
+        started = time.monotonic()
+        assert client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+        best = min(best, time.monotonic() - started)
+    return best
+
+
+def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_refuses_nothing(
+    reranker: Reranker,
+) -> None:
+    limit = 0.4
+    expected = _expected(reranker, QUERY, DOCS)
+    # One request per engine call and per forward pass: the paced model's capacity is set by its passes.
+    slow = reranker.with_settings(max_batch_size=len(DOCS))
+    app = create_app(slow, max_queue_wait=limit, max_batch_pairs=len(DOCS), batch_wait_ms=0)
+    with (
+        paced(reranker),
+        ServerThread(app) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        single = _single_request_seconds(client)  # also the first throughput measurement
+        ready_seen: list[int] = []
+        health_seen: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as watcher:
+                while not stop.wait(0.05):
+                    ready_seen.append(watcher.get("/ready").status_code)
+                    health_seen.append(watcher.get("/health").status_code)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        overload = [{"query": QUERY, "documents": DOCS}] * 60
+        try:
+            answers = asyncio.run(_open_loop(server.url, overload, rate=3.0 / single))
+        finally:
+            stop.set()
+            watcher.join(timeout=30)
+        during = _metrics(server.url)
+        wait_for(lambda: client.get("/ready").status_code == 200, 10, "the backlog to clear")
+        light = [{"query": QUERY, "documents": DOCS}] * 10
+        calm = asyncio.run(_open_loop(server.url, light, rate=0.4 / single))
+        after = _metrics(server.url)
+
+    admitted = [(r, s) for r, s in answers if r.status_code == 200]
+    refused = [(r, s) for r, s in answers if r.status_code != 200]
+    assert refused, "three times capacity refused nothing"
+    assert admitted, "nothing was admitted"
+    for response, _ in refused:
+        _check_refusal(response, "overloaded")
+    for response, _ in admitted:
+        _check_exact(response, expected)
+    # Refused at once (or dropped at the limit when the estimate was wrong), never after a long wait.
+    assert max(s for _, s in refused) < limit + 1.0
+    # An admitted request waited at most about the limit, then was scored.
+    assert max(s for _, s in admitted) < limit + 3 * single + 1.0
+    assert _refusals(during, "estimated_wait") >= 1
+    assert ("qwen3_rerank_estimated_wait_seconds", ()) in during
+    assert during[("qwen3_rerank_throughput_tokens_per_second", ())] > 0
+    assert set(health_seen) == {200}, "/health must stay 200 under overload"
+    assert 503 in ready_seen, "/ready never said that new work would be refused"
+    # Light load after the overload: nothing refused, every answer exact.
+    for response, _ in calm:
+        _check_exact(response, expected)
+    refused_total = sum(v for (name, _), v in after.items() if name == "qwen3_rerank_refusals_total")
+    refused_during = sum(v for (name, _), v in during.items() if name == "qwen3_rerank_refusals_total")
+    assert refused_total == refused_during
+
+
+def _occupy(url: str, docs: int = 40) -> tuple[threading.Thread, list[httpx.Response]]:
+    """A long request that keeps the worker busy (many slow passes); answered in the background."""
+    out: list[httpx.Response] = []
+    body = {"query": QUERY, "documents": [f"{DOCS[i % len(DOCS)]} #{i}" for i in range(docs)]}
+
+    def send() -> None:
+        out.append(httpx.post(f"{url}/v1/rerank", json=body, timeout=60))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Reranker) -> None:
+    # A fresh service has measured nothing, so it admits; the worker is then busy for ~1.6 s.
+    slow = reranker.with_settings(max_batch_size=1)
+    app = create_app(slow, max_queue_wait=0.3, batch_wait_ms=0)
+    with paced(reranker) as passes, ServerThread(app) as server:
+        before = _metrics(server.url)
+        thread, long_answer = _occupy(server.url)
+        wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
+        started = time.monotonic()
+        response = httpx.post(
+            f"{server.url}/v1/rerank", json={"query": "退货", "documents": DOCS}, timeout=30
+        )
+        took = time.monotonic() - started
+        thread.join(timeout=60)
+        after = _metrics(server.url)
+    _check_refusal(response, "overloaded")
+    assert "max_queue_wait" in response.json()["error"]["message"]
+    assert took < 0.3 + 0.5, f"answered after {took:.2f} s, not at the limit"
+    assert long_answer and long_answer[0].status_code == 200
+    assert after[PAIRS] - before.get(PAIRS, 0) == 40  # the dropped request's pairs were never scored
+    assert _refusals(after, "waited_too_long") == 1
+
+
+def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
+    slow = reranker.with_settings(max_batch_size=1)
+    app = create_app(slow, max_queue_wait=None, batch_wait_ms=0)
+    expected = _expected(reranker, "退货", DOCS)
+    with paced(reranker) as passes, ServerThread(app) as server:
+        url = f"{server.url}/v1/rerank"
+        body = {"query": "退货", "documents": DOCS}
+        before = _metrics(server.url)
+        # Nothing measured yet: admitted, then dropped unscored when its own deadline passes.
+        thread, _ = _occupy(server.url)
+        wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
+        started = time.monotonic()
+        dropped = httpx.post(url, json=body, headers={"X-Request-Timeout": "0.25"}, timeout=30)
+        took = time.monotonic() - started
+        thread.join(timeout=60)
+        # Measured now: a deadline shorter than the estimated wait is refused at once.
+        done = len(passes)
+        thread, _ = _occupy(server.url)
+        wait_for(lambda: len(passes) >= done + 2, 30, "the second long request to start running")
+        started = time.monotonic()
+        refused = httpx.post(url, json=body, headers={"X-Request-Timeout": "0.2"}, timeout=30)
+        refused_took = time.monotonic() - started
+        thread.join(timeout=60)
+        after = _metrics(server.url)
+        # A deadline that leaves time is scored, exactly.
+        kept = httpx.post(url, json=body, headers={"X-Request-Timeout": "30"}, timeout=30)
+        bad = [
+            httpx.post(url, json=body, headers={"X-Request-Timeout": value}, timeout=30)
+            for value in ("soon", "0", "-1", "nan")
+        ]
+    _check_refusal(dropped, "deadline_exceeded")
+    assert "waited past its own deadline" in dropped.json()["error"]["message"]
+    assert took < 0.25 + 0.5
+    _check_refusal(refused, "deadline_exceeded")
+    assert "estimated wait" in refused.json()["error"]["message"]  # refused at admission
+    assert refused_took < 1.0
+    assert after[PAIRS] - before.get(PAIRS, 0) == 80  # only the two long requests were scored
+    assert _refusals(after, "deadline") == 2
+    _check_exact(kept, expected)
+    for response in bad:
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == "X-Request-Timeout"
+
+
+def test_ready_says_loading_then_ready_and_the_limit_is_reported(reranker: Reranker) -> None:
+    release = threading.Event()
+
+    def load() -> Reranker:
+        release.wait(30)
+        return reranker
+
+    with ServerThread(create_app(load, max_queue_wait=2.5)) as server:
+        loading = httpx.get(f"{server.url}/ready", timeout=30)
+        release.set()
+        wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 200, 30, "the model")
+        ready = httpx.get(f"{server.url}/ready", timeout=30)
+    assert loading.status_code == 503 and loading.json() == {"ready": False, "reason": "loading"}
+    assert "retry-after" in loading.headers
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "queue": 0, "estimated_wait_s": None, "max_queue_wait_s": 2.5}
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "3"])
+def test_a_bad_max_queue_wait_is_refused_at_start_up(value: Any) -> None:
+    with pytest.raises(ValueError, match="max_queue_wait"):
+        ServiceConfig(max_queue_wait=value)
+
+
+def test_the_default_limit_and_no_limit() -> None:
+    assert ServiceConfig().max_queue_wait == DEFAULT_MAX_QUEUE_WAIT_S
+    assert ServiceConfig(max_queue_wait=None).max_queue_wait is None
