@@ -4,7 +4,8 @@ Everything goes over real HTTP on 127.0.0.1 to uvicorn serving the real app on t
 Qwen3. To make the tiny model slow enough to overload in a second, a forward pre-hook sleeps in
 each of its forward passes (the engine, its batching and its scores stay the real ones); the
 expected scores always come from the engine itself. Arrivals are open-loop: each request is sent
-at its scheduled time whatever the answers before it.
+at its scheduled time whatever the answers before it. The requests repeat one body, so the
+services run without the score cache (it would answer the repeats without any work to queue).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_r
     expected = _expected(reranker, QUERY, DOCS)
     # One request per engine call and per forward pass: the paced model's capacity is set by its passes.
     slow = reranker.with_settings(max_batch_size=len(DOCS))
-    app = create_app(slow, max_queue_wait=limit, max_batch_pairs=len(DOCS), batch_wait_ms=0)
+    app = create_app(slow, max_queue_wait=limit, max_batch_pairs=len(DOCS), batch_wait_ms=0, cache_size=0)
     with (
         paced(reranker),
         ServerThread(app) as server,
@@ -191,7 +192,7 @@ def _occupy(url: str, docs: int = 40) -> tuple[threading.Thread, list[httpx.Resp
 def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Reranker) -> None:
     # A fresh service has measured nothing, so it admits; the worker is then busy for ~1.6 s.
     slow = reranker.with_settings(max_batch_size=1)
-    app = create_app(slow, max_queue_wait=0.3, batch_wait_ms=0)
+    app = create_app(slow, max_queue_wait=0.3, batch_wait_ms=0, cache_size=0)
     with paced(reranker) as passes, ServerThread(app) as server:
         before = _metrics(server.url)
         thread, long_answer = _occupy(server.url)
@@ -213,7 +214,7 @@ def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Rera
 
 def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
     slow = reranker.with_settings(max_batch_size=1)
-    app = create_app(slow, max_queue_wait=None, batch_wait_ms=0)
+    app = create_app(slow, max_queue_wait=None, batch_wait_ms=0, cache_size=0)
     expected = _expected(reranker, "退货", DOCS)
     with paced(reranker) as passes, ServerThread(app) as server:
         url = f"{server.url}/v1/rerank"
@@ -262,7 +263,7 @@ def test_ready_says_loading_then_ready_and_the_limit_is_reported(reranker: Reran
         release.wait(30)
         return reranker
 
-    with ServerThread(create_app(load, max_queue_wait=2.5)) as server:
+    with ServerThread(create_app(load, max_queue_wait=2.5, cache_size=0)) as server:
         loading = httpx.get(f"{server.url}/ready", timeout=30)
         release.set()
         wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 200, 30, "the model")
