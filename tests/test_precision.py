@@ -233,6 +233,33 @@ def test_int8_linear_quantizes_each_token_on_its_own_scale():
     assert layer(x.reshape(1, 5, 64)).shape == (1, 5, 32)
 
 
+_NO_VNNI_CHECK = """
+import torch
+from qwen3_rerank_plugins.backend import Int8Linear
+torch.manual_seed(0)
+linear = torch.nn.Linear(256, 64, bias=False)
+x = torch.randn(32, 256)
+layer = Int8Linear(linear, weight_max=63)
+rows = x / (x.abs().amax(1, keepdim=True) / 127)
+exact = torch.round(rows).double() @ layer.weight_t.double()
+got = torch._int_mm(torch.round(rows).to(torch.int8), layer.weight_t).double()
+print(float((exact - got).abs().max()))
+"""
+
+
+def test_int8_weights_within_63_do_not_saturate_without_vnni():
+    # oneDNN capped to AVX2 (no VNNI) multiplies pairs into 16-bit sums: 7-bit weights keep the
+    # int8 product exact there. Run in a fresh process, as oneDNN reads the cap once.
+    import os
+    import subprocess
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_VNNI_CHECK], env=env, capture_output=True, text=True, check=True
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+
+
 def test_get_reranker_loads_int8_once_and_keys_it_apart(tiny_model_dir):
     a = get_reranker(tiny_model_dir, device="cpu", dtype="int8")
     b = get_reranker(tiny_model_dir, device="cpu", dtype="qint8")

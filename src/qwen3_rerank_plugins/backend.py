@@ -439,15 +439,17 @@ class Int8Linear(torch.nn.Module):
 
     Args:
         linear: The float32 layer to quantize (its weights are copied, not kept).
-        activation_max: Largest quantized activation magnitude (127; smaller where int8
-            products would saturate 16-bit intermediate sums).
+        weight_max: Largest quantized weight magnitude: 127, or 63 on CPUs without VNNI, where
+            oneDNN multiplies pairs into 16-bit sums that 8-bit weights would saturate
+            (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: ``torch._int_mm`` is exact with weights
+            within 63 and off by up to 20 % of the result with weights up to 127).
     """
 
-    def __init__(self, linear: torch.nn.Linear, activation_max: int = 127) -> None:
+    def __init__(self, linear: torch.nn.Linear, weight_max: int = 127) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / weight_max
+        quantized = torch.round(weight / scale[:, None]).clamp(-weight_max, weight_max).to(torch.int8)
         # (in, out) as the transpose of a contiguous (out, in): the layout _int_mm reads fastest.
         self.register_buffer("weight_t", quantized.t(), persistent=False)
         self.register_buffer("weight_scale", scale, persistent=False)
@@ -455,12 +457,11 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.activation_max = activation_max
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / self.activation_max
-        quantized = torch.round(rows / scale).clamp_(-self.activation_max, self.activation_max)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        quantized = torch.round(rows / scale).clamp_(-127, 127)
         out = torch._int_mm(quantized.to(torch.int8), self.weight_t).float()
         out = out.mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
@@ -490,7 +491,7 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
     Args:
         model: A float32 model on CPU.
         vnni: Whether the CPU has int8 dot-product instructions (VNNI/AMX); without them the
-            activations use 6 bits and a sign so AVX2's 16-bit intermediate sums cannot saturate.
+            weights use 6 bits and a sign so AVX2's 16-bit intermediate sums cannot saturate.
 
     Raises:
         ValueError: The model is not float32 on CPU.
@@ -504,15 +505,14 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
         return
     if not hasattr(torch, "_int_mm"):  # pragma: no cover - torch before 2.2
         raise RuntimeError(
-            f"dtype='int8' needs torch._int_mm, which torch {torch.__version__} lacks; "
-            "use dtype='float32'"
+            f"dtype='int8' needs torch._int_mm, which torch {torch.__version__} lacks; use dtype='float32'"
         )
-    activation_max = 127 if vnni else 63
+    weight_max = 127 if vnni else 63
     with torch.no_grad():
         for module in list(model.backbone.modules()):
             for name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear:
-                    setattr(module, name, Int8Linear(child, activation_max))
+                    setattr(module, name, Int8Linear(child, weight_max))
     model.quantization = "int8"
     logger.info("%s: linear layers in int8 (per-channel weights, per-token activations)", model.name)
 
