@@ -24,7 +24,6 @@ import inspect
 import logging
 import threading
 import unicodedata
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from .templates import PROMPT_PREFIX, PROMPT_SUFFIX
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS",
+    "Int8Linear",
     "Row",
     "ScoringModel",
     "plan_batches",
@@ -415,25 +415,76 @@ class ScoringModel:
         return batch.to(self.device, non_blocking=True)
 
 
+class Int8Linear(torch.nn.Module):
+    """A linear layer in int8: per-output-channel int8 weights, per-token int8 activations.
+
+    Each token (row) of the input is quantized with its own symmetric scale (its largest
+    absolute value maps to 127), the product runs in int8 with int32 accumulation through
+    ``torch._int_mm`` (oneDNN's VNNI/AMX kernels on CPU), and the result is rescaled by the row's
+    and the output channel's scales. A token's output therefore depends only on that token: an
+    outlier token cannot crush the resolution of the other rows of a batch, and a document scores
+    the same whatever it is batched with (PyTorch's ``quantize_dynamic`` uses one scale for the
+    whole input, which made scores depend on their batch-mates).
+
+    Args:
+        linear: The float32 layer to quantize (its weights are copied, not kept).
+        weight_max: Largest quantized weight magnitude: 127, or 63 on CPUs without VNNI, where
+            oneDNN multiplies pairs into 16-bit sums that 8-bit weights would saturate
+            (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: ``torch._int_mm`` is exact with weights
+            within 63 and off by up to 20 % of the result with weights up to 127).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, weight_max: int = 127) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / weight_max
+        quantized = torch.round(weight / scale[:, None]).clamp(-weight_max, weight_max).to(torch.int8)
+        # (in, out) as the transpose of a contiguous (out, in): the layout _int_mm reads fastest.
+        self.register_buffer("weight_t", quantized.t(), persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias, persistent=False)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        quantized = torch.round(rows / scale).clamp_(-127, 127)
+        out = torch._int_mm(quantized.to(torch.int8), self.weight_t).float()
+        out = out.mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out = out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            "weights=int8 per channel, activations=int8 per token"
+        )
+
+
 def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
     """Quantize the backbone's linear layers to int8, in place (CPU only).
 
-    PyTorch's own dynamic int8 linear (fbgemm / oneDNN kernels): weights int8 per output channel,
-    activations quantized per call, accumulation in int32, output float32. Everything else is
-    unchanged: embeddings, norms and attention stay float32, and so does the two-row head (it was
-    taken from the LM head, which is not part of the backbone), so prefix reuse, cross-query
-    batching and the template work as before. Chosen over torchao's ``quantize_`` after measuring
-    both on this project's engine: torchao's int8 dynamic path ran 4x slower than float32 without
-    ``torch.compile`` (benchmarks/RESULTS-precision.md).
+    Every ``nn.Linear`` of the backbone becomes an :class:`Int8Linear`: weights int8 per output
+    channel, activations int8 per token, int8 products with int32 accumulation
+    (``torch._int_mm``), output float32. Everything else is unchanged: embeddings, norms and
+    attention stay float32, and so does the two-row head (it was taken from the LM head, which is
+    not part of the backbone), so prefix reuse, cross-query batching and the template work as
+    before. Measured on this project's engine before choosing (benchmarks/RESULTS-precision.md):
+    PyTorch's ``quantize_dynamic`` (one activation scale per call) was as fast but agreed with
+    float32 only to Spearman 0.83 on W2; torchao's int8 dynamic path ran 4x slower than float32
+    without ``torch.compile``.
 
     Args:
         model: A float32 model on CPU.
         vnni: Whether the CPU has int8 dot-product instructions (VNNI/AMX); without them the
-            activations use 7 bits so AVX2's 16-bit intermediate sums cannot saturate.
+            weights use 6 bits and a sign so AVX2's 16-bit intermediate sums cannot saturate.
 
     Raises:
         ValueError: The model is not float32 on CPU.
-        RuntimeError: This torch has no dynamic int8 linear.
+        RuntimeError: This torch has no int8 matrix product.
     """
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ValueError(
@@ -441,29 +492,18 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
         )
     if model.quantization is not None:
         return
-    try:
-        from torch.ao.quantization import QConfig, quantize_dynamic
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver, PlaceholderObserver
-    except ImportError as exc:  # pragma: no cover - torch builds without torch.ao
+    if not hasattr(torch, "_int_mm"):  # pragma: no cover - torch before 2.2
         raise RuntimeError(
-            f"dtype='int8' needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
-            "lacks; use dtype='float32'"
-        ) from exc
-    qmax = 255 if vnni else 127
-    qconfig = QConfig(
-        activation=PlaceholderObserver.with_args(
-            dtype=torch.quint8, quant_min=0, quant_max=qmax, is_dynamic=True
-        ),
-        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-    )
-    with warnings.catch_warnings():
-        # torch.ao's eager quantization announces its move to torchao; its kernels are still torch's.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
-        with torch.no_grad():
-            quantize_dynamic(model.backbone, {torch.nn.Linear: qconfig}, inplace=True)
+            f"dtype='int8' needs torch._int_mm, which torch {torch.__version__} lacks; use dtype='float32'"
+        )
+    weight_max = 127 if vnni else 63
+    with torch.no_grad():
+        for module in list(model.backbone.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(module, name, Int8Linear(child, weight_max))
     model.quantization = "int8"
-    logger.info("%s: linear layers quantized to int8 (dynamic, per-channel weights)", model.name)
+    logger.info("%s: linear layers in int8 (per-channel weights, per-token activations)", model.name)
 
 
 # ---------------------------------------------------------------------------------------------
