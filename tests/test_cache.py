@@ -222,6 +222,20 @@ def test_changing_model_dtype_instruction_or_max_length_misses(reranker, bf16_re
     assert cache.stats()["hits"]["memory"] == hits + len(set(FAQ_DOCS))
 
 
+def test_int8_models_with_other_quantized_weights_miss(tiny_model_dir):
+    """An int8 layer keeps its weights in buffers: the weights fingerprint must read them too."""
+    cache = ScoreCache(10_000)
+    first = Reranker.from_pretrained(tiny_model_dir, device="cpu", dtype="int8").with_cache(cache)
+    other = Reranker.from_pretrained(tiny_model_dir, device="cpu", dtype="int8")
+    for name, buffer in other._core.backbone.named_buffers():
+        if name.endswith("weight_t"):
+            buffer.add_(1)  # other int8 weights, the same name, shapes and parameters
+    first.score(FAQ_QUERY, FAQ_DOCS)
+    hits = cache.stats()["hits"]["memory"]
+    other.with_cache(cache).score(FAQ_QUERY, FAQ_DOCS)
+    assert cache.stats()["hits"]["memory"] == hits
+
+
 def test_the_query_and_document_as_read_decide_the_key(reranker):
     cached = reranker.with_settings(max_doc_tokens=8).with_cache(100)
     cached.score("q", ["one two three four five six seven eight nine ten"])

@@ -633,7 +633,7 @@ def _pair_keys(config: bytes, group: _EncodedGroup) -> list[bytes]:
 def _weights_fingerprint(core: ScoringModel) -> bytes:
     """A cheap fingerprint of the loaded weights (about 15 ms for the 0.6B shape on CPU).
 
-    The score head ``W[yes] - W[no]`` in full, and for every parameter its name, shape, dtype and
+    The score head ``W[yes] - W[no]`` in full, and for every parameter and buffer its name, shape, dtype and
     64 values spread over it, and every module's class (a quantised layer is another class).
     Two checkpoints that share a name but not their weights get different fingerprints.
     """
@@ -647,9 +647,11 @@ def _weights_fingerprint(core: ScoringModel) -> bytes:
                 weight = packed()
                 flat = (weight.dequantize() if weight.is_quantized else weight).reshape(-1)
                 h.update(flat[:: max(flat.numel() // 64, 1)][:64].float().cpu().numpy().tobytes())
-        for name, param in core.backbone.named_parameters():
-            flat = param.detach().reshape(-1)
+        # Buffers too: an int8 layer keeps its quantized weights and scales in buffers.
+        tensors = [*core.backbone.named_parameters(), *core.backbone.named_buffers()]
+        for name, tensor in tensors:
+            flat = tensor.detach().reshape(-1)
             sample = flat[:: max(flat.numel() // 64, 1)][:64]
-            h.update(f"{name}{tuple(param.shape)}{param.dtype};".encode())
+            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype};".encode())
             h.update(sample.float().cpu().numpy().tobytes())
     return h.digest()
