@@ -556,6 +556,20 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
+
+def _candidate_pools(
+    dataset: EvalDataset, first_stage: str, ks: Sequence[int], candidates: int, seed: int
+) -> tuple[tuple[int, ...], list[list[int]]]:
+    """The checked cut-offs and each query's first-stage candidates (document indices)."""
+    if not dataset.queries:
+        raise ValueError(f"dataset {dataset.name!r} has no queries")
+    if first_stage not in FIRST_STAGES:
+        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
+    checked = tuple(sorted({_check_k(k) for k in ks}))
+    if not checked:
+        raise ValueError("ks must name at least one cut-off")
+    return checked, _first_stage(dataset, first_stage, _check_k(candidates), seed)
+
 def _first_stage(dataset: EvalDataset, first_stage: str, candidates: int, seed: int) -> list[list[int]]:
     """Candidate indices per query, in first-stage order."""
     if first_stage == "bm25":
@@ -607,15 +621,7 @@ def evaluate(
     Raises:
         ValueError: On an unknown first stage or a bad ``ks`` / ``candidates``.
     """
-    if not dataset.queries:
-        raise ValueError(f"dataset {dataset.name!r} has no queries")
-    if first_stage not in FIRST_STAGES:
-        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
-    ks = tuple(sorted({_check_k(k) for k in ks}))
-    if not ks:
-        raise ValueError("ks must name at least one cut-off")
-    candidates = _check_k(candidates)
-    pools = _first_stage(dataset, first_stage, candidates, seed)
+    ks, pools = _candidate_pools(dataset, first_stage, ks, candidates, seed)
 
     # Warm-up: the first forward pass pays one-off costs (allocations, kernel selection).
     first_texts = [dataset.documents[i] for i in pools[0][:2]]
@@ -1070,16 +1076,8 @@ def compare(
     baseline = labels[0] if baseline is None else baseline
     if baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not one of the arms: {', '.join(labels)}")
-    if not dataset.queries:
-        raise ValueError(f"dataset {dataset.name!r} has no queries")
-    if first_stage not in FIRST_STAGES:
-        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
-    ks = tuple(sorted({_check_k(k) for k in ks}))
-    if not ks:
-        raise ValueError("ks must name at least one cut-off")
-    candidates = _check_k(candidates)
+    ks, pools = _candidate_pools(dataset, first_stage, ks, candidates, seed)
     resamples = _check_k(resamples)
-    pools = _first_stage(dataset, first_stage, candidates, seed)
 
     # One engine call per distinct scorer, holding every (arm, query) group of that scorer.
     logits: dict[str, list[list[float]]] = {}
