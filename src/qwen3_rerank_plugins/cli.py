@@ -569,12 +569,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         show_progress=args.progress,
     )
-    if args.json:
-        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
-    else:
-        if args.demo:
-            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
-        print(report.format())
+    _print_report(args, report)
     if args.plot:
         title = None
         if args.demo:
@@ -582,6 +577,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out = plot_report(report, args.plot, title=title)
         logger.info("Wrote the chart to %s", out)
     return 0
+
+
+def _print_report(args: argparse.Namespace, report: Any) -> None:
+    """An evaluation or comparison report as JSON or a table, with the demo model's warning."""
+    if args.json:
+        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
+        return
+    if args.demo:
+        print("NOTE: demo model with random weights; these numbers are meaningless.\n")
+    print(report.format())
 
 
 def _evaluate_instructions(args: argparse.Namespace, dataset: Any) -> list[str | None]:
@@ -637,12 +642,7 @@ def _evaluate_comparison(args: argparse.Namespace, dataset: Any, instructions: l
         bootstrap_seed=args.bootstrap_seed,
         show_progress=args.progress,
     )
-    if args.json:
-        print(json.dumps({**report.to_dict(), "demo_model": bool(args.demo)}, ensure_ascii=False, indent=2))
-    else:
-        if args.demo:
-            print("NOTE: demo model with random weights; these numbers are meaningless.\n")
-        print(report.format())
+    _print_report(args, report)
     if args.plot:
         title = f"{report.dataset}: DEMO MODEL, RANDOM WEIGHTS: meaningless numbers" if args.demo else None
         logger.info("Wrote the chart to %s", plot_comparison(report, args.plot, title=title))
