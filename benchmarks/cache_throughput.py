@@ -35,7 +35,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,9 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from service_throughput import _free_port, run_concurrent
 
 QUERIES = [
     "发票怎么开",
@@ -106,28 +108,9 @@ class Phase:
 
 async def replay(url: str, trace: list[dict], clients: int) -> tuple[Phase, list[list[float]]]:
     """Send the trace in order from ``clients`` workers; the scores of each request, in order."""
-    latencies: list[float] = []
-    answers: list[list[float]] = [[] for _ in trace]
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(trace)):
-        queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
-
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                t0 = time.perf_counter()
-                response = await client.post("/v1/rerank", json=trace[i])
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-                by_index = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
-                answers[i] = [by_index[k] for k in sorted(by_index)]
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        seconds = time.perf_counter() - start
-    return Phase(seconds, latencies, sum(len(b["documents"]) for b in trace)), answers
+    seconds, latencies, answers = await run_concurrent(url, trace, clients)
+    scores = [[by_index[k] for k in sorted(by_index)] for by_index in answers]
+    return Phase(seconds, latencies, sum(len(b["documents"]) for b in trace)), scores
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -138,12 +121,6 @@ def _metrics(url: str) -> dict[str, float]:
             name = sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items()))
             out[name] = sample.value
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:

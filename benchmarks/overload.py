@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from service_throughput import PASSAGES, QUERIES  # noqa: E402
+from service_throughput import PASSAGES, QUERIES, _free_port  # noqa: E402
 
 
 @dataclass
@@ -112,12 +111,6 @@ def _pct(values: list[float], p: float) -> float | None:
 def _body(i: int, docs: int) -> dict:
     passages = [PASSAGES[(i + j) % len(PASSAGES)] for j in range(docs)]
     return {"query": QUERIES[i % len(QUERIES)], "documents": passages}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _refusals(client: httpx.Client) -> dict[str, float]:
