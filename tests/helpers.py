@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -175,3 +177,38 @@ class Front:
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+# -- headless Chromium (Debian's package; .ci/run installs it) --------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: Flags for a headless run on a machine with no network: no background or first-run traffic.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+]
+
+
+# -- exact answers over HTTP ----------------------------------------------------------------------
+
+
+def expected_scores(reranker: Any, query: str, docs: list[str]) -> dict[int, float]:
+    """The engine's own scores of ``docs`` for ``query``, by document index."""
+    return {r.index: r.score for r in reranker.rerank(query, docs)}
+
+
+def check_exact_answer(response: httpx.Response, expected: dict[int, float]) -> None:
+    """A 200 ``/v1/rerank`` answer carrying exactly the ``expected`` scores (float tolerance)."""
+    assert response.status_code == 200, response.text
+    got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+    assert got.keys() == expected.keys()
+    for i, score in expected.items():
+        assert got[i] == pytest.approx(score, abs=1e-5)

@@ -7,7 +7,6 @@ with every request outside 127.0.0.1 refused, and leaves a screenshot in ``test-
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,26 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ServerThread
+from helpers import CHROMIUM, CHROMIUM_FLAGS, ServerThread
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 from qwen3_rerank_plugins.server.offline_docs import DOCS_STATIC_URL
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REDOC_CREDIT_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-extensions",
-]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerThread, wait_for
+from helpers import ServerThread, check_exact_answer, expected_scores, wait_for
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 from qwen3_rerank_plugins.server_defaults import DEFAULT_MAX_QUEUE_WAIT_S, ServiceConfig
@@ -68,18 +68,6 @@ def _refusals(metrics: dict[Any, float], reason: str) -> float:
 PAIRS = "qwen3_rerank_pairs_scored_total", ()
 
 
-def _expected(reranker: Reranker, query: str, docs: list[str]) -> dict[int, float]:
-    return {r.index: r.score for r in reranker.rerank(query, docs)}
-
-
-def _check_exact(response: httpx.Response, expected: dict[int, float]) -> None:
-    assert response.status_code == 200, response.text
-    got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
-    assert got.keys() == expected.keys()
-    for i, score in expected.items():
-        assert got[i] == pytest.approx(score, abs=1e-5)
-
-
 def _check_refusal(response: httpx.Response, kind: str) -> None:
     assert response.status_code == 503, response.text
     assert response.json()["error"]["type"] == kind
@@ -117,7 +105,7 @@ def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_r
     reranker: Reranker,
 ) -> None:
     limit = 0.4
-    expected = _expected(reranker, QUERY, DOCS)
+    expected = expected_scores(reranker, QUERY, DOCS)
     # One request per engine call and per forward pass: the paced model's capacity is set by its passes.
     slow = reranker.with_settings(max_batch_size=len(DOCS))
     app = create_app(slow, max_queue_wait=limit, max_batch_pairs=len(DOCS), batch_wait_ms=0, cache_size=0)
@@ -158,7 +146,7 @@ def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_r
     for response, _ in refused:
         _check_refusal(response, "overloaded")
     for response, _ in admitted:
-        _check_exact(response, expected)
+        check_exact_answer(response, expected)
     # Refused at once (or dropped at the limit when the estimate was wrong), never after a long wait.
     assert max(s for _, s in refused) < limit + 1.0
     # An admitted request waited at most about the limit, then was scored.
@@ -170,7 +158,7 @@ def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_r
     assert 503 in ready_seen, "/ready never said that new work would be refused"
     # Light load after the overload: nothing refused, every answer exact.
     for response, _ in calm:
-        _check_exact(response, expected)
+        check_exact_answer(response, expected)
     refused_total = sum(v for (name, _), v in after.items() if name == "qwen3_rerank_refusals_total")
     refused_during = sum(v for (name, _), v in during.items() if name == "qwen3_rerank_refusals_total")
     assert refused_total == refused_during
@@ -215,7 +203,7 @@ def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Rera
 def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
     slow = reranker.with_settings(max_batch_size=1)
     app = create_app(slow, max_queue_wait=None, batch_wait_ms=0, cache_size=0)
-    expected = _expected(reranker, "退货", DOCS)
+    expected = expected_scores(reranker, "退货", DOCS)
     with paced(reranker) as passes, ServerThread(app) as server:
         url = f"{server.url}/v1/rerank"
         body = {"query": "退货", "documents": DOCS}
@@ -250,7 +238,7 @@ def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
     assert refused_took < 1.0
     assert after[PAIRS] - before.get(PAIRS, 0) == 80  # only the two long requests were scored
     assert _refusals(after, "deadline") == 2
-    _check_exact(kept, expected)
+    check_exact_answer(kept, expected)
     for response in bad:
         assert response.status_code == 422, response.text
         assert response.json()["error"]["param"] == "X-Request-Timeout"

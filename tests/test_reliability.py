@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerThread, wait_for
+from helpers import ServerThread, check_exact_answer, expected_scores, wait_for
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -76,18 +76,6 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes, boo
     return int(status_line.split()[1]), headers, body[:length], closed
 
 
-def _expected(reranker: Reranker, query: str, docs: list[str]) -> dict[int, float]:
-    return {r.index: r.score for r in reranker.rerank(query, docs)}
-
-
-def _check_answer(response: httpx.Response, expected: dict[int, float]) -> None:
-    assert response.status_code == 200, response.text
-    got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
-    assert got.keys() == expected.keys()
-    for i, score in expected.items():
-        assert got[i] == pytest.approx(score, abs=1e-5)
-
-
 # -- stalled uploads --------------------------------------------------------------------------------
 
 
@@ -95,7 +83,7 @@ def test_thirty_stalled_uploads_are_cut_with_408_while_others_are_served(reranke
     timeout = 2.0
     app = create_app(reranker, body_timeout=timeout)
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
-    expected = _expected(reranker, QUERY, DOCS)
+    expected = expected_scores(reranker, QUERY, DOCS)
     with ServerThread(app) as server:
         before = _metrics(server.url)
         socks: list[socket.socket] = []
@@ -130,7 +118,8 @@ def test_thirty_stalled_uploads_are_cut_with_408_while_others_are_served(reranke
         # Meanwhile the service answers others at once.
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for _ in range(3):
-                _check_answer(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}), expected)
+                answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+                check_exact_answer(answer, expected)
         served_while_stalled = time.monotonic() - started
         answers: list[tuple[Any, ...]] = []
         resets = 0
@@ -151,7 +140,7 @@ def test_thirty_stalled_uploads_are_cut_with_408_while_others_are_served(reranke
                 sock.close()
         after = _metrics(server.url)
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            _check_answer(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}), expected)
+            check_exact_answer(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}), expected)
 
     assert served_while_stalled < timeout, "other requests waited for the stalled uploads"
     assert len(answers) == 30
@@ -192,7 +181,7 @@ def test_a_slow_but_steady_upload_within_the_timeout_is_served(reranker: Reranke
     assert status == 200, raw
     assert "connection" not in headers  # kept alive as usual
     got = {r["index"]: r["relevance_score"] for r in json.loads(raw)["results"]}
-    assert got == pytest.approx(_expected(reranker, QUERY, DOCS), abs=1e-5)
+    assert got == pytest.approx(expected_scores(reranker, QUERY, DOCS), abs=1e-5)
 
 
 def test_an_early_answer_still_reaches_a_client_that_is_sending_its_body(reranker: Reranker) -> None:
@@ -265,9 +254,9 @@ def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
             _wait_for_hang_up(server.url, "/rank", before)
         after = _metrics(server.url)
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            _check_answer(
+            check_exact_answer(
                 client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}),
-                _expected(reranker, QUERY, DOCS),
+                expected_scores(reranker, QUERY, DOCS),
             )
 
     for path in ("/v1/rerank", "/rank"):
@@ -307,7 +296,7 @@ def test_a_running_request_whose_client_hangs_up_stops_between_forward_passes(re
         handle.remove()
 
     assert stopped_at < 12, f"{stopped_at} passes ran for an abandoned request of ~30"
-    _check_answer(answer, _expected(reranker, QUERY, DOCS))  # the service goes on serving
+    check_exact_answer(answer, expected_scores(reranker, QUERY, DOCS))  # the service goes on serving
     assert after[PAIRS] - before.get(PAIRS, 0) == len(DOCS)  # the abandoned pairs are not counted
     assert after.get(_answered("/v1/rerank", 500), 0) == before.get(_answered("/v1/rerank", 500), 0)
 
@@ -420,7 +409,7 @@ def test_a_request_that_makes_the_worker_raise_fails_alone(reranker: Reranker) -
     assert "RuntimeError: the device fell over" in error["message"]
     for i, body in enumerate(bodies):
         if i != 3:
-            _check_answer(responses[i], _expected(reranker, body["query"], body["documents"]))
-    _check_answer(later, _expected(reranker, bodies[0]["query"], bodies[0]["documents"]))
+            check_exact_answer(responses[i], expected_scores(reranker, body["query"], body["documents"]))
+    check_exact_answer(later, expected_scores(reranker, bodies[0]["query"], bodies[0]["documents"]))
     assert max(faulty.calls) == sum(len(b["documents"]) for b in bodies)  # they were merged
     assert metrics[_answered("/v1/rerank", 500)] == 1

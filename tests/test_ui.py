@@ -8,7 +8,6 @@ Playwright and leaves a screenshot in ``test-output/ui.png``.
 from __future__ import annotations
 
 import html
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 from gradio_client import Client
 
-from helpers import free_port
+from helpers import CHROMIUM, CHROMIUM_FLAGS, free_port
 from qwen3_rerank_plugins import ConfidenceBands, Reranker, list_instruction_templates, resolve_instruction
 from qwen3_rerank_plugins.ui import DEFAULT_TEMPLATE_CHOICE, build_ui, rank_for_ui
 
@@ -30,17 +29,6 @@ DOCS = [
     "my coupon doesn't work: coupons apply only before their expiry date.",
 ]
 DOCS_BOX = "\n".join([DOCS[0], "", DOCS[1], "   ", *DOCS[2:]])  # blank lines are skipped
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _expected_rows(
