@@ -192,6 +192,9 @@ def main() -> int:
     command = [
         sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", model, "--device", "cpu",
         "--port", str(port), "--no-access-log", "--max-queue-wait", str(args.max_queue_wait),
+        # The requests repeat one body: with the score cache on, every request after the first
+        # would be a hit and no overload would ever form. The admission is measured on compute.
+        "--cache-size", "0",
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
