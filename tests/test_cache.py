@@ -288,6 +288,39 @@ def test_from_pretrained_takes_a_cache(tiny_model_dir):
     assert rr.cache.stats()["hits"]["memory"] == 2
 
 
+def test_the_service_reports_cached_tokens_in_usage(reranker):
+    """/v1/rerank over real HTTP: the same prompt tokens, of which the cached part is reported as
+    ``usage.prompt_tokens_details.cached_tokens`` (OpenAI's and vLLM's field)."""
+    import httpx
+
+    from helpers import ServerThread
+    from qwen3_rerank_plugins.server import create_app
+
+    query, docs = "发票抬头写错了怎么改", ["【发票更正】在订单页申请重开。", "退货政策：7天无理由。"]
+    body = {"query": query, "documents": docs}
+    tokens = reranker.count_tokens(query, docs)
+    with ServerThread(create_app(reranker)) as server:  # the service caches by default
+
+        def usage(payload: dict, path: str = "/v1/rerank") -> dict:
+            answer = httpx.post(f"{server.url}{path}", json=payload, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["usage"]
+
+        first = usage(body)
+        assert first == {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        again = usage(body, "/v2/rerank")
+        assert again["prompt_tokens"] == again["total_tokens"] == tokens
+        assert again["prompt_tokens_details"] == {"cached_tokens": tokens}  # every pair from the cache
+        assert usage({**body, "cache": False})["prompt_tokens_details"] == {"cached_tokens": 0}
+        mixed = usage({**body, "documents": [*docs, "发票几天能开好？"]})
+        assert mixed["prompt_tokens_details"]["cached_tokens"] == tokens  # the two known pairs only
+        assert mixed["prompt_tokens"] == reranker.count_tokens(query, [*docs, "发票几天能开好？"])
+
+
 def test_the_cache_module_loads_no_torch():
     code = "import sys, qwen3_rerank_plugins.cache; print('torch' in sys.modules, 'redis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -494,17 +527,17 @@ def test_two_service_processes_share_one_redis(tiny_model_dir, redis_server, tmp
         answered = second.rerank(body)  # scored on the first process, answered from Redis here
         assert _scores(answered) == pytest.approx(_scores(computed), abs=1e-7)
         m = second.metrics()
-        assert m['qwen3_rerank_cache_hits_total{tier=redis}'] == len(SECRET_DOCS)
+        assert m["qwen3_rerank_cache_hits_total{tier=redis}"] == len(SECRET_DOCS)
         assert m["qwen3_rerank_cache_misses_total"] == 0
         assert m["qwen3_rerank_cache_tokens_saved_total"] == answered["usage"]["total_tokens"]
         # Again on the second: now from its own memory.
         second.rerank(body)
-        assert second.metrics()['qwen3_rerank_cache_hits_total{tier=memory}'] == len(SECRET_DOCS)
+        assert second.metrics()["qwen3_rerank_cache_hits_total{tier=memory}"] == len(SECRET_DOCS)
         # A request that opts out is scored afresh and stores nothing.
         fresh = second.rerank({**body, "documents": [*SECRET_DOCS, "新工单"], "cache": False})
         m2 = second.metrics()
         assert _scores(fresh)[0] == pytest.approx(_scores(computed)[0], abs=1e-6)
-        assert m2['qwen3_rerank_cache_hits_total{tier=memory}'] == len(SECRET_DOCS)
+        assert m2["qwen3_rerank_cache_hits_total{tier=memory}"] == len(SECRET_DOCS)
         assert m2["qwen3_rerank_cache_misses_total"] == 0
         assert m2["qwen3_rerank_cache_entries"] == len(SECRET_DOCS)  # "新工单" was not stored
         # Nothing in Redis holds the text.
@@ -525,8 +558,8 @@ def test_two_service_processes_share_one_redis(tiny_model_dir, redis_server, tmp
                 assert [again[k] for k in range(3)] == pytest.approx(
                     [_scores(computed)[k] for k in range(3)], abs=1e-6
                 )
-        assert first.metrics()['qwen3_rerank_cache_errors_total{tier=redis}'] >= 1
-        assert second.metrics()['qwen3_rerank_cache_errors_total{tier=redis}'] >= 1
+        assert first.metrics()["qwen3_rerank_cache_errors_total{tier=redis}"] >= 1
+        assert second.metrics()["qwen3_rerank_cache_errors_total{tier=redis}"] >= 1
     finally:
         for s in services:
             s.stop()

@@ -51,11 +51,13 @@ class BatcherClosedError(RuntimeError):
 @dataclass(frozen=True)
 class ScoredRequest:
     """What one request gets back: log-odds in input order, its prompt tokens when asked for,
-    and the matching spans of documents read in windows."""
+    the matching spans of documents read in windows, and (with its tokens) how many of those
+    tokens were answered from the score cache instead of the model."""
 
     logits: list[float]
     total_tokens: int | None = None
     spans: list[tuple[int, int] | None] | None = None
+    cached_tokens: int | None = None
 
 
 class WaitedTooLongError(RuntimeError):
@@ -431,7 +433,10 @@ def _score_together(
             observer(len(items), sum(len(item.texts) for item in items), elapsed)
     return [
         ScoredRequest(
-            result.logits, result.tokens if getattr(item, "count_tokens", True) else None, result.spans
+            result.logits,
+            result.tokens if getattr(item, "count_tokens", True) else None,
+            result.spans,
+            getattr(result, "cached_tokens", 0) if getattr(item, "count_tokens", True) else None,
         )
         for item, result in zip(items, scored, strict=True)
     ]

@@ -117,10 +117,13 @@ async def rerank_response(
             item["document"] = {"text": r.document} if isinstance(r.document, str) else r.document
         results.append(item)
     tokens = tokens or 0
+    # As OpenAI and vLLM report a prompt cache: the same tokens, of which this many were answered
+    # from the score cache instead of the model.
+    details = {"cached_tokens": scored.cached_tokens or 0}
     return {
         "id": f"rerank-{uuid.uuid4().hex}",
         "model": model_name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "prompt_tokens_details": details},
         "results": results,
         "meta": {
             "tokens": {"input_tokens": tokens, "output_tokens": 0},

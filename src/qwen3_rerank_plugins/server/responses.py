@@ -23,9 +23,18 @@ __all__ = [
 ]
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's (and vLLM's) ``usage.prompt_tokens_details``."""
+
+    cached_tokens: int = Field(
+        description="Of prompt_tokens, those of pairs answered from the score cache, not computed"
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Tokens(BaseModel):
