@@ -321,6 +321,26 @@ def test_the_service_reports_cached_tokens_in_usage(reranker):
         assert mixed["prompt_tokens"] == reranker.count_tokens(query, [*docs, "发票几天能开好？"])
 
 
+def test_get_reranker_takes_a_cache_and_shares_it(reranker, tiny_model_dir):
+    cached = get_reranker(tiny_model_dir, device="cpu", cache=100)
+    assert cached is get_reranker(tiny_model_dir, device="cpu", cache=100)  # one cache per arguments
+    assert cached is not reranker and cached.shares_model_with(reranker) and reranker.cache is None
+    assert get_reranker(tiny_model_dir, device="cpu") is reranker  # the plain one stays uncached
+    assert get_reranker(tiny_model_dir, device="cpu", cache=0) is reranker  # 0: off
+    other = get_reranker(tiny_model_dir, device="cpu", cache=100, max_length=512)
+    assert other is not cached and other.cache is not cached.cache
+    assert cached.cache is not None and cached.cache.memory.max_entries == 100
+    docs = ["get_reranker 的缓存测试一", "get_reranker 的缓存测试二"]
+    first = cached.score(FAQ_QUERY, docs)
+    before = cached.cache.stats()["hits"]["memory"]
+    assert cached.score(FAQ_QUERY, docs) == pytest.approx(first, abs=1e-6)
+    assert cached.cache.stats()["hits"]["memory"] == before + 2  # the second call: from the cache
+    with pytest.raises(TypeError, match="cache must be"):
+        get_reranker(tiny_model_dir, device="cpu", cache="big")
+    with pytest.raises(TypeError, match="cache and cache_url apply to a local model"):
+        get_reranker(base_url="http://127.0.0.1:9", cache=10)
+
+
 def test_the_cache_module_loads_no_torch():
     code = "import sys, qwen3_rerank_plugins.cache; print('torch' in sys.modules, 'redis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

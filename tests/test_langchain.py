@@ -236,6 +236,32 @@ def test_engine_is_shared(reranker, tiny_model_dir):
     assert longer.engine.max_length == 512
 
 
+def test_the_adapters_take_a_score_cache(reranker, tiny_model_dir):
+    compressor = Qwen3RerankCompressor(model=tiny_model_dir, device="cpu", cache=64)
+    encoder = Qwen3CrossEncoder(model=tiny_model_dir, device="cpu", cache=64)
+    assert compressor.engine is encoder.engine is get_reranker(tiny_model_dir, device="cpu", cache=64)
+    cache = compressor.engine.cache
+    assert cache is not None and cache.memory.max_entries == 64 and reranker.cache is None
+    texts = [text for _, text, _ in TICKETS[:3]]
+    docs = [Document(page_content=t) for t in texts]
+    first = compressor.compress_documents(docs, QUERY)
+    hits = cache.stats()["hits"]["memory"]
+    again = compressor.compress_documents(docs, QUERY)
+    assert cache.stats()["hits"]["memory"] == hits + 3  # the second call: every pair from the cache
+    assert [d.metadata["relevance_score"] for d in again] == pytest.approx(
+        [d.metadata["relevance_score"] for d in first], abs=1e-6
+    )
+    assert encoder.score([(QUERY, texts[0])]) == pytest.approx([first_score(first, texts[0])], abs=1e-6)
+    with pytest.raises(ValueError, match="with_cache"):
+        Qwen3RerankCompressor(reranker=reranker, cache=64)
+    with pytest.raises(ValueError, match="cache"):
+        Qwen3RerankCompressor(base_url="http://127.0.0.1:9", cache=64)
+
+
+def first_score(documents: list[Document], text: str) -> float:
+    return next(d.metadata["relevance_score"] for d in documents if d.page_content == text)
+
+
 def test_existing_engine(reranker):
     assert Qwen3RerankCompressor(reranker=reranker).engine is reranker
     assert Qwen3CrossEncoder(reranker=reranker).engine is reranker

@@ -158,6 +158,19 @@ def recorder():
 # ------------------------------------------------------------------ inside a query engine
 
 
+def test_a_score_cache_answers_a_repeated_call(reranker, tiny_model_dir):
+    rerank = Qwen3Rerank(model=tiny_model_dir, device="cpu", cache=32, top_n=2)
+    assert rerank.engine is get_reranker(tiny_model_dir, device="cpu", cache=32) and reranker.cache is None
+    cache = rerank.engine.cache
+    nodes = [NodeWithScore(node=TextNode(text=t), score=0.0) for t in ["缓存一", "缓存二", "缓存三"]]
+    first = rerank.postprocess_nodes(copy.deepcopy(nodes), query_str=QUERY)
+    hits = cache.stats()["hits"]["memory"]
+    again = rerank.postprocess_nodes(copy.deepcopy(nodes), query_str=QUERY)
+    assert cache.stats()["hits"]["memory"] == hits + 3  # the second call: every pair from the cache
+    assert [n.score for n in again] == pytest.approx([n.score for n in first], abs=1e-6)
+    assert Qwen3Rerank.from_dict(rerank.to_dict()).engine is rerank.engine  # the cache is configuration
+
+
 def test_query_engine_order_and_scores_match_engine(reranker, index, retrieved):
     ids, scores = _expected(reranker, retrieved)
     response = _query_engine(index, Qwen3Rerank(reranker=reranker, top_n=None)).query(QUERY)

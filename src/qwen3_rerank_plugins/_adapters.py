@@ -37,8 +37,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Fields that choose which weights are loaded; they cannot apply to a reranker passed in.
-LOAD_FIELDS = ("model", "device", "dtype", "source")
+#: Fields that choose which weights are loaded (and the score cache put in front of them); they
+#: cannot apply to a reranker passed in.
+LOAD_FIELDS = ("model", "device", "dtype", "source", "cache", "cache_url")
+# The score cache's fields: a local model's (a remote service caches on its own side).
+_CACHE_FIELDS = ("cache", "cache_url")
 # Fields that are engine settings: applied over the engine with ``with_settings``.
 _ENGINE_OVERRIDES = ("max_length", "batch_tokens", "long_documents", "max_doc_tokens", "max_query_tokens")
 # Of those, the ones a remote service takes per request (the others belong to the server's model).
@@ -99,6 +102,14 @@ class EngineSettings(BaseModel):
     timeout: float | None = Field(default=None, gt=0)
     """Seconds one call to the ``base_url`` service may take, retries and ``Retry-After`` waits
     included (``None``: the client's 60 s). Only with ``base_url``."""
+    cache: int | None = Field(default=None, ge=0)
+    """Exact score cache: in-process entries (about 240 bytes each) kept of pairs already scored,
+    so a repeated (query, document) pair is answered without the model; ``None`` or ``0``: off.
+    Adapters with the same model, settings and cache share one cache. Not with ``base_url``
+    (the service caches) or ``reranker=`` (use ``reranker.with_cache(n)``)."""
+    cache_url: str | None = None
+    """``redis://HOST:PORT/DB``: a score-cache tier shared by every process (needs the
+    ``[cache]`` extra); only hashes and scores are stored there, never text."""
 
     _engine: Scorer = PrivateAttr()
 
@@ -133,7 +144,7 @@ class EngineSettings(BaseModel):
         if self.base_url is None and self.timeout is not None:
             raise ValueError("timeout= applies to a base_url= service (a reranker= has its own timeout)")
         if self.base_url is not None:
-            server_side = {"reranker", *(n for n in overrides if n not in _REMOTE_OVERRIDES)}
+            server_side = {"reranker", *_CACHE_FIELDS, *(n for n in overrides if n not in _REMOTE_OVERRIDES)}
             clashing = sorted(
                 server_side & {n for n in self.model_fields_set if getattr(self, n) is not None}
             )
@@ -149,9 +160,11 @@ class EngineSettings(BaseModel):
         elif self.reranker is not None:
             clashing = sorted(set(LOAD_FIELDS) & self.model_fields_set)
             if clashing:
+                cached = set(_CACHE_FIELDS) & set(clashing)
+                hint = " (for a score cache, pass reranker.with_cache(n))" if cached else ""
                 raise ValueError(
                     f"pass either reranker= or {', '.join(clashing)}=, not both: "
-                    "the reranker's model is already loaded"
+                    f"the reranker's model is already loaded{hint}"
                 )
             # Other settings over the same loaded weights.
             self._engine = self.reranker.with_settings(**overrides) if overrides else self.reranker
@@ -163,7 +176,13 @@ class EngineSettings(BaseModel):
             )
         else:
             self._engine = get_reranker(
-                self.model, device=self.device, dtype=self.dtype, source=self.source, **overrides
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                source=self.source,
+                cache=self.cache or None,
+                cache_url=self.cache_url,
+                **overrides,
             )
         logger.debug("%s uses %r", type(self).__name__, self._engine)
         return self

@@ -21,6 +21,7 @@ from .settings import DEFAULT_MODEL, RerankerSettings
 if TYPE_CHECKING:
     import torch
 
+    from .cache import ScoreCache
     from .engine import Reranker
     from .remote import RemoteReranker
 
@@ -59,12 +60,15 @@ def get_reranker(
     api_key: str | None = None,
     timeout: float | None = None,
     on_overload: str = "raise",
+    cache: ScoreCache | int | None = None,
+    cache_url: str | None = None,
     **settings: Any,
 ) -> Reranker | RemoteReranker:
     """A process-wide shared :class:`~qwen3_rerank_plugins.Reranker`: the same arguments give the same object.
 
     Calls that differ only in scoring settings (``max_length``, ``instruction``,
-    ``batch_tokens``, ...) get distinct rerankers over one loaded model.
+    ``batch_tokens``, ...) or in their score cache get distinct rerankers over one loaded model;
+    calls with the same ``cache`` and ``cache_url`` share one cache.
 
     With ``base_url`` nothing is loaded here: the result is a shared
     :class:`~qwen3_rerank_plugins.remote.RemoteReranker` with the same scoring methods, backed by
@@ -83,14 +87,25 @@ def get_reranker(
             client's default, 60 s).
         on_overload: ``"raise"`` or ``"keep_order"`` when that service is overloaded (see
             :class:`~qwen3_rerank_plugins.remote.RemoteReranker`).
+        cache, cache_url: An exact score cache, as for :meth:`Reranker.from_pretrained`: a
+            number of in-process entries or a :class:`~qwen3_rerank_plugins.cache.ScoreCache`
+            (``None``, the default: off), and a Redis URL for a shared tier (the ``[cache]``
+            extra). Part of the shared reranker's identity. A remote reranker has none of its
+            own (its service caches).
         **settings: Scoring settings as for :class:`Reranker` (for a remote reranker: those a
             client can choose, such as ``instruction`` and ``bands``).
 
     Example:
         >>> rr = get_reranker("Qwen/Qwen3-Reranker-0.6B")  # doctest: +SKIP
+        >>> cached = get_reranker("Qwen/Qwen3-Reranker-0.6B", cache=100_000)  # doctest: +SKIP
         >>> remote = get_reranker(base_url="http://rerank:8000")  # doctest: +SKIP
     """
     if base_url is not None:
+        if cache is not None or cache_url is not None:
+            raise TypeError(
+                "cache and cache_url apply to a local model; a remote service caches on its own side "
+                "(qwen3-rerank serve --cache-size / --cache-url)"
+            )
         return _get_remote(base_url, api_key, settings, timeout=timeout, on_overload=on_overload)
     if timeout is not None or on_overload != "raise":
         raise TypeError("timeout and on_overload apply to a remote service: pass base_url= too")
@@ -113,7 +128,7 @@ def get_reranker(
         None if cache_dir is None else os.fspath(cache_dir),
         attn_implementation,
     )
-    key = (weights, checked)
+    key = (weights, checked, (cache or None, cache_url))
     with _registry_lock:
         if key in _rerankers:
             return _rerankers[key]  # type: ignore[return-value]
@@ -125,6 +140,9 @@ def get_reranker(
             if key in _rerankers:
                 return _rerankers[key]  # type: ignore[return-value]
             base = _models.get(weights)
+        from .cache import ScoreCache
+
+        score_cache = ScoreCache.build(cache, cache_url)  # bad cache arguments fail before loading
         if base is not None:
             reranker = base.with_settings(**checked.as_dict())
         else:
@@ -139,9 +157,12 @@ def get_reranker(
                 **settings,
             )
         with _registry_lock:
-            _models.setdefault(weights, reranker)
+            _models.setdefault(weights, reranker)  # without a cache: the base of every view
             if reranker._core.origin is None:
                 reranker._core.origin = weights
+        if score_cache is not None:
+            reranker = reranker.with_cache(score_cache)
+        with _registry_lock:
             return _rerankers.setdefault(key, reranker)  # type: ignore[return-value]
 
 
