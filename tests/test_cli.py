@@ -848,6 +848,36 @@ def test_batch_ranks_a_file_of_many_records_in_few_engine_calls(
     assert f"Ranked 240 records ({pairs} pairs)" in done.stderr
 
 
+def test_batch_and_rank_take_a_score_cache(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A file whose queries repeat (the nightly re-match): the repeats are answered from the cache."""
+    records = _batch_records(4)
+    source = _write_jsonl(tmp_path / "tickets.jsonl", records + records[:3])
+    out = tmp_path / "ranked.jsonl"
+    done = cli(["batch", str(source), "-o", str(out), "--model", str(tiny_model_dir), *BATCH_OPTIONS,
+                "--chunk-pairs", "1", "--cache-size", "1000"])  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["results"] for row in rows[4:]] == [row["results"] for row in rows[:3]]
+    repeated = sum(len(_docs(r)) for r in records[:3])
+    unique = sum(len(_docs(r)) for r in records)
+    assert f"Score cache: {repeated} hit(s) (memory {repeated}), {unique} miss(es)" in done.stderr
+
+    plain = cli(["batch", str(source), "-o", str(tmp_path / "plain.jsonl"), "--model", str(tiny_model_dir),
+                 *BATCH_OPTIONS, "--chunk-pairs", "1"])  # fmt: skip
+    assert plain.returncode == 0 and "Score cache" not in plain.stderr  # off by default
+    docs = tmp_path / "docs.txt"
+    docs.write_text("工单甲\n工单乙\n工单甲\n", encoding="utf-8")
+    ranked = cli(["rank", "-q", "电梯故障", "--docs", str(docs), "--model", str(tiny_model_dir),
+                  "--device", "cpu", "--cache-size", "10", "--json"])  # fmt: skip
+    assert ranked.returncode == 0, ranked.stderr
+    assert "Score cache: 0 hit(s) (memory 0), 2 miss(es)" in ranked.stderr  # the twin computed once
+    bad = cli(
+        ["rank", "-q", "x", "--docs", str(docs), "--model", str(tiny_model_dir), "--cache-url", "http://x"]
+    )
+    assert bad.returncode == 1 and "redis://" in bad.stderr
+
+
 def test_batch_reads_stdin_writes_stdout_and_shows_progress(
     cli, tiny_model_dir: Path, batch_expected: list[list[float]]
 ) -> None:

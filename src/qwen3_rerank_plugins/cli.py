@@ -311,11 +311,13 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise CommandError("--query must not be empty")
     docs = _read_documents(args.docs)
     _check_options(args)
-    reranker = load_reranker(args, bands=_bands(args))
+    cache = _score_cache(args)
+    reranker = load_reranker(args, bands=_bands(args), **({"cache": cache} if cache is not None else {}))
     start = time.perf_counter()
     results = reranker.rerank(args.query, docs, top_n=args.top_n, instruction=args.instruction)
     seconds = time.perf_counter() - start
     logger.info("Ranked %d documents in %.1f ms", len(docs), seconds * 1000)
+    _log_cache(reranker)
     if args.json:
         payload = {
             "model": reranker.model_name,
@@ -372,7 +374,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         except BatchError as exc:
             raise CommandError(f"--resume: {exc}") from exc
     show = args.progress if args.progress is not None else not args.quiet and sys.stderr.isatty()
-    reranker = load_reranker(args, bands=bands)
+    cache = _score_cache(args)
+    reranker = load_reranker(args, bands=bands, **({"cache": cache} if cache is not None else {}))
     summary = rank_jsonl(
         reranker,
         source,
@@ -385,6 +388,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         progress=show,
         name=where,
     )
+    _log_cache(reranker)
     if summary.bad:
         shown = ", ".join(map(str, summary.bad[:10])) + (", ..." if len(summary.bad) > 10 else "")
         raise CommandError(f"{len(summary.bad)} bad record(s) skipped: {where} line {shown}")
@@ -718,6 +722,55 @@ def _ks(text: str) -> list[int]:
     return values
 
 
+def _cache_arguments(parser: argparse.ArgumentParser, default_size: int, where: str) -> None:
+    """``--cache-size``, ``--cache-url`` and ``--cache-ttl``: the score cache, as ``serve`` has them."""
+    cache = parser.add_argument_group(f"score cache (repeated pairs are not scored again; {where})")
+    cache.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=default_size,
+        help=f"entries kept in process, about 240 bytes each (0: off; default: {default_size})",
+    )
+    cache.add_argument(
+        "--cache-url",
+        help="redis://HOST:PORT/DB: a tier shared by every process and replica (needs the [cache] extra)",
+    )
+    cache.add_argument(
+        "--cache-ttl",
+        type=_non_negative_float,
+        default=DEFAULT_CACHE_TTL_S,
+        help=f"seconds a Redis entry lives (0: until Redis evicts it; default: {DEFAULT_CACHE_TTL_S})",
+    )
+
+
+def _score_cache(args: argparse.Namespace) -> Any:
+    """The score cache that ``--cache-size`` / ``--cache-url`` / ``--cache-ttl`` ask for, or ``None``."""
+    if not args.cache_size and args.cache_url is None:
+        return None
+    from .cache import ScoreCache
+
+    try:
+        return ScoreCache(args.cache_size, url=args.cache_url, ttl=args.cache_ttl or None)
+    except (ValueError, ImportError) as exc:  # ImportError: --cache-url without the [cache] extra
+        raise CommandError(str(exc)) from exc
+
+
+def _log_cache(reranker: Any) -> None:
+    """Log what the score cache answered (nothing without one)."""
+    cache = getattr(reranker, "cache", None)
+    if cache is None:
+        return
+    stats = cache.stats()
+    hits = sum(stats["hits"].values())
+    logger.info(
+        "Score cache: %d hit(s) (%s), %d miss(es), %d prompt tokens not computed",
+        hits,
+        ", ".join(f"{tier} {n}" for tier, n in stats["hits"].items()),
+        stats["misses"],
+        stats["tokens_saved"],
+    )
+
+
 def _add_rank(subparsers: Any, shared: _SharedOptions) -> None:
     p = subparsers.add_parser(
         "rank",
@@ -731,6 +784,7 @@ def _add_rank(subparsers: Any, shared: _SharedOptions) -> None:
     p.add_argument("--instruction", "-i", help="template name (see 'qwen3-rerank templates') or free text")
     p.add_argument("--top-n", "-n", type=_positive_int, help="print only the best N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _cache_arguments(p, 0, "useful with --cache-url: shared by every run")
     p.set_defaults(func=_cmd_rank)
 
 
@@ -780,6 +834,7 @@ def _add_batch(subparsers: Any, shared: _SharedOptions) -> None:
         help="progress bar on stderr (default: on a terminal)",
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _cache_arguments(p, 0, "repeated queries in the file, or with --cache-url across runs")
     p.set_defaults(func=_cmd_batch)
 
 
@@ -862,23 +917,7 @@ def _add_serve(subparsers: Any, shared: _SharedOptions) -> None:
         f" (default: {DEFAULT_GRACEFUL_TIMEOUT_S:g})",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
-    cache = p.add_argument_group("score cache (repeated pairs are not scored again; also with --ray)")
-    cache.add_argument(
-        "--cache-size",
-        type=_non_negative_int,
-        default=DEFAULT_CACHE_SIZE,
-        help=f"entries kept in process, about 240 bytes each (0: off; default: {DEFAULT_CACHE_SIZE})",
-    )
-    cache.add_argument(
-        "--cache-url",
-        help="redis://HOST:PORT/DB: a tier shared by every process and replica (needs the [cache] extra)",
-    )
-    cache.add_argument(
-        "--cache-ttl",
-        type=_non_negative_float,
-        default=DEFAULT_CACHE_TTL_S,
-        help=f"seconds a Redis entry lives (0: until Redis evicts it; default: {DEFAULT_CACHE_TTL_S})",
-    )
+    _cache_arguments(p, DEFAULT_CACHE_SIZE, "also with --ray")
     ray = p.add_argument_group("Ray Serve (extra [ray])")
     ray.add_argument(
         "--ray", action="store_true", help="serve on Ray Serve: replicas of the model behind one endpoint"
