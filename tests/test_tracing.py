@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -152,6 +153,71 @@ def test_the_remote_backend_passes_the_trace_on(service: ServerThread, spans: In
     assert server_span.parent.is_remote and server_span.parent.span_id == client_span.context.span_id
 
 
+def test_the_span_says_how_many_tokens_the_score_cache_answered(
+    reranker: Reranker, spans: InMemorySpanExporter
+) -> None:
+    cached = reranker.with_cache(100)
+    cached.rerank(QUERY, DOCS)
+    cached.rerank(QUERY, DOCS)
+    reranker.rerank(QUERY, DOCS)
+
+    first, again, plain = _rerank_spans(spans)
+    tokens = first.attributes["gen_ai.usage.input_tokens"]
+    assert first.attributes["gen_ai.usage.cache_read.input_tokens"] == 0
+    assert again.attributes["gen_ai.usage.input_tokens"] == tokens  # the same tokens, ...
+    assert again.attributes["gen_ai.usage.cache_read.input_tokens"] == tokens  # ... all from the cache
+    assert "gen_ai.usage.cache_read.input_tokens" not in plain.attributes  # no cache: not recorded
+
+
+def test_the_librarys_fallback_is_one_span_with_its_outcome(
+    reranker: Reranker, spans: InMemorySpanExporter
+) -> None:
+    outcome = reranker.rerank_with_fallback("朝阳区建国路88号电梯昨晚又坏了，怎么报修", DOCS)
+
+    (span,) = _rerank_spans(spans)  # both attempts in the user's one call
+    assert span.attributes["qwen3_rerank.fallback.requested"] is True
+    assert span.attributes["qwen3_rerank.fallback.retried"] is (outcome.retry is not None)
+    assert span.attributes["qwen3_rerank.fallback.needs_review"] is outcome.needs_review
+
+
+def test_a_merged_engine_call_links_to_every_request_in_it(
+    reranker: Reranker, spans: InMemorySpanExporter
+) -> None:
+    """Requests merged by the batcher: one ``rerank batch`` span per engine call, linked to each
+    request's span (the engine's ``rerank`` span is its child)."""
+    trace_ids = [f"{i:032x}" for i in (0xA1, 0xB2, 0xC3)]
+    app = create_app(reranker, batch_wait_ms=500, cache_size=0)  # an idle worker waits 0.5 s to merge
+    with ServerThread(app) as server:
+
+        def send(trace_id: str) -> int:
+            headers = {"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+            body = {"query": f"{QUERY} {trace_id[-2:]}", "documents": DOCS}
+            return httpx.post(f"{server.url}/v1/rerank", json=body, headers=headers, timeout=60).status_code
+
+        with ThreadPoolExecutor(len(trace_ids)) as pool:
+            assert list(pool.map(send, trace_ids)) == [200] * len(trace_ids)
+
+    finished = spans.get_finished_spans()
+    batches = [s for s in finished if s.name == "rerank batch"]
+    assert batches and sum(b.attributes["qwen3_rerank.batch.requests"] for b in batches) == len(trace_ids)
+    assert any(b.attributes["qwen3_rerank.batch.requests"] > 1 for b in batches)  # they were merged
+    by_id = {s.context.span_id: s for s in finished}
+    linked = [by_id.get(link.context.span_id) for b in batches for link in b.links]
+    assert sorted(format(s.context.trace_id, "032x") for s in linked if s is not None) == trace_ids
+    for span in linked:  # the request's span, or one inside it, current when it was queued
+        while span.kind != trace.SpanKind.SERVER:
+            span = by_id[span.parent.span_id]
+        assert span.attributes["url.path"] == "/v1/rerank"
+    for batch in batches:
+        assert batch.parent is None and batch.context.trace_id not in {int(t, 16) for t in trace_ids}
+        (engine,) = [
+            s for s in _rerank_spans(spans) if s.parent and s.parent.span_id == batch.context.span_id
+        ]
+        assert (
+            engine.attributes["qwen3_rerank.batch.queries"] == batch.attributes["qwen3_rerank.batch.requests"]
+        )
+
+
 def test_without_opentelemetry_everything_still_works() -> None:
     code = """
 import sys
@@ -161,6 +227,9 @@ from qwen3_rerank_plugins.client import RerankClient
 assert not tracing.enabled() and tracing.tracer() is None
 with tracing.rerank_span(object()) as span:
     span.top_n(3)
+assert tracing.capture_context() is None
+with tracing.batch_span(2, 6, [None, None]):
+    pass
 headers = {}
 tracing.inject_trace_headers(headers)
 assert headers == {} and tracing.httpx_event_hooks(False) == {}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .generalize import Generalizer, generalize
 from .results import ConfidenceBands, FallbackRerank, RerankAttempt, RerankResult
+from .tracing import rerank_span
 from .validation import check_threshold
 
 if TYPE_CHECKING:
@@ -121,9 +122,12 @@ def rerank_with_fallback(
         results = engine.rerank(text, documents, top_n=top_n, instruction=instruction)
         return _attempt(engine, text, results, threshold)
 
-    first = attempt(query)
-    again = retry_query(query, first.best_score, engine.bands, generalize)
-    return FallbackRerank(first, None if again is None else attempt(again))
+    with rerank_span(engine) as span:  # both attempts in one span ([otel]; else a no-op)
+        first = attempt(query)
+        again = retry_query(query, first.best_score, engine.bands, generalize)
+        outcome = FallbackRerank(first, None if again is None else attempt(again))
+        span.fallback(outcome)
+    return outcome
 
 
 async def arerank_with_fallback(
@@ -148,9 +152,12 @@ async def arerank_with_fallback(
         results = await engine.arerank(text, documents, top_n=top_n, instruction=instruction)
         return _attempt(engine, text, results, threshold)
 
-    first = await attempt(query)
-    again = retry_query(query, first.best_score, engine.bands, generalize)
-    return FallbackRerank(first, None if again is None else await attempt(again))
+    with rerank_span(engine) as span:  # both attempts in one span ([otel]; else a no-op)
+        first = await attempt(query)
+        again = retry_query(query, first.best_score, engine.bands, generalize)
+        outcome = FallbackRerank(first, None if again is None else await attempt(again))
+        span.fallback(outcome)
+    return outcome
 
 
 def _prepare(

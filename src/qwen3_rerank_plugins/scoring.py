@@ -142,7 +142,7 @@ class BaseReranker:
                 scored = self._score_groups(
                     [checked[i] for i in busy], self._progress(show_progress), should_stop
                 )
-                span.scored(scored)
+                span.scored(scored, cache=getattr(self, "cache", None) is not None)
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out
@@ -164,7 +164,7 @@ class BaseReranker:
                 scored = await self._ascore_groups(
                     [checked[i] for i in busy], self._progress(show_progress), should_stop
                 )
-                span.scored(scored)
+                span.scored(scored, cache=getattr(self, "cache", None) is not None)
             for i, result in zip(busy, scored, strict=True):
                 out[i] = result
         return out

@@ -2,11 +2,15 @@
 
 Names follow the GenAI semantic conventions' proposed ``rerank`` operation
 (``gen_ai.operation.name = "rerank"``, span name ``rerank {model}``,
-``gen_ai.rerank.candidate.count``, ``gen_ai.rerank.top_n``, ``gen_ai.usage.input_tokens``);
+``gen_ai.rerank.candidate.count``, ``gen_ai.rerank.top_n``, ``gen_ai.usage.input_tokens``, of
+which ``gen_ai.usage.cache_read.input_tokens`` answered from the score cache);
 what those conventions do not name yet carries this package's own prefix ``qwen3_rerank.``.
 
 - :func:`rerank_span`: one span per rerank call of the library (``rerank``, ``score``,
   ``score_pairs``, ``score_groups`` and their async twins; a call inside another reuses its span).
+- :func:`batch_span`: one ``rerank batch`` span per engine call of the service's batcher, linked
+  to the span of every request merged into it (their contexts taken by :func:`capture_context`
+  when they were queued).
 - :func:`inject_trace_headers`: puts the current W3C ``traceparent`` on an outgoing request (the
   remote backend's HTTP client calls it for every request).
 - :class:`qwen3_rerank_plugins.server.tracing.TraceMiddleware`: one span per HTTP request of
@@ -24,14 +28,27 @@ from contextvars import ContextVar
 from typing import Any
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
 except ImportError:  # the [otel] extra is not installed: every helper here does nothing
-    propagate = trace = None  # type: ignore[assignment]
+    otel_context = propagate = trace = None  # type: ignore[assignment]
 
-__all__ = ["OPERATION", "RerankSpan", "enabled", "inject_trace_headers", "rerank_span", "tracer"]
+__all__ = [
+    "BATCH_SPAN",
+    "OPERATION",
+    "RerankSpan",
+    "batch_span",
+    "capture_context",
+    "enabled",
+    "inject_trace_headers",
+    "rerank_span",
+    "tracer",
+]
 
 #: ``gen_ai.operation.name`` of every rerank span.
 OPERATION = "rerank"
+#: Name of the span of one engine call of the service's batcher (linked to every merged request).
+BATCH_SPAN = "rerank batch"
 _SCOPE = "qwen3_rerank_plugins"
 _current: ContextVar[RerankSpan | None] = ContextVar("qwen3_rerank_span", default=None)
 
@@ -66,11 +83,25 @@ class RerankSpan:
         self.set("qwen3_rerank.batch.queries", len(groups))
         self.set("gen_ai.rerank.candidate.count", sum(len(g.texts) for g in groups))
 
-    def scored(self, results: Sequence[Any]) -> None:
-        """The backend's results: prompt tokens read, when the backend counts them."""
+    def scored(self, results: Sequence[Any], *, cache: bool = False) -> None:
+        """The backend's results: prompt tokens read, when the backend counts them, and (with a
+        score cache, ``cache=True``) how many of them were answered from it
+        (``gen_ai.usage.cache_read.input_tokens``, included in ``gen_ai.usage.input_tokens``)."""
         tokens = [r.tokens for r in results if getattr(r, "tokens", None) is not None]
         if tokens:
             self.set("gen_ai.usage.input_tokens", int(sum(tokens)))
+        cached = sum(int(getattr(r, "cached_tokens", 0) or 0) for r in results)
+        if cache or cached:
+            self.set("gen_ai.usage.cache_read.input_tokens", cached)
+
+    def fallback(self, outcome: Any) -> None:
+        """A low-confidence fallback's outcome (a :class:`~qwen3_rerank_plugins.fallback.FallbackRerank`):
+        whether the query was retried and whether the answer still needs a person's review."""
+        self.set("qwen3_rerank.fallback.requested", True)
+        self.set("qwen3_rerank.fallback.retried", getattr(outcome, "retry", None) is not None)
+        needs_review = getattr(outcome, "needs_review", None)
+        if isinstance(needs_review, bool):
+            self.set("qwen3_rerank.fallback.needs_review", needs_review)
 
     def top_n(self, top_n: int | None) -> None:
         """The ``top_n`` the caller asked for."""
@@ -114,6 +145,40 @@ def rerank_span(scorer: Any, **attributes: Any) -> Iterator[RerankSpan]:
             raise
         finally:
             _current.reset(token)
+
+
+def capture_context() -> Any:
+    """The current OpenTelemetry context (``None`` without the extra): taken where a request is
+    queued, so that the engine call that scores it later, in another thread, can link to it."""
+    return None if otel_context is None else otel_context.get_current()
+
+
+@contextlib.contextmanager
+def batch_span(requests: int, pairs: int, contexts: Sequence[Any] | None) -> Iterator[None]:
+    """A ``rerank batch`` span around one engine call that scores several merged requests.
+
+    The call serves many requests (of many traces) at once, so its span starts a trace of its
+    own, with an OpenTelemetry link to the span of each merged request (``contexts``, from
+    :func:`capture_context` at queueing time); the library's ``rerank {model}`` span of the call
+    is its child. Nothing happens without the extra.
+    """
+    active = tracer()
+    if active is None:
+        yield
+        return
+    links = []
+    for ctx in contexts or ():
+        if ctx is None:
+            continue
+        linked = trace.get_current_span(ctx).get_span_context()
+        if linked.is_valid:
+            links.append(trace.Link(linked))
+    with active.start_as_current_span(
+        BATCH_SPAN, context=otel_context.Context(), kind=trace.SpanKind.INTERNAL, links=links
+    ) as span:
+        span.set_attribute("qwen3_rerank.batch.requests", requests)
+        span.set_attribute("qwen3_rerank.batch.pairs", pairs)
+        yield
 
 
 def inject_trace_headers(headers: MutableMapping[str, str]) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..protocol import ScoreGroup, Scorer, ScoringStopped, StopCheck
+from ..tracing import batch_span, capture_context
 
 __all__ = [
     "BatcherClosedError",
@@ -84,6 +85,7 @@ class _Queued:
     reason: str = "waited_too_long"
     start_by: float | None = None
     timer: asyncio.TimerHandle | None = None
+    context: Any = None  # the request's OpenTelemetry context, linked from its batch's span
 
 
 #: Weight of the newest engine call in the moving average of the throughput.
@@ -221,7 +223,7 @@ class MicroBatcher:
             raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ScoredRequest] = loop.create_future()
-        item = _Queued(group, future, float(cost), reason, start_by)
+        item = _Queued(group, future, float(cost), reason, start_by, context=capture_context())
         if start_by is not None:
             item.timer = loop.call_at(loop.time() + (start_by - time.monotonic()), self._expire, item)
         self._items.append(item)
@@ -347,7 +349,10 @@ class MicroBatcher:
             return all(item.future.done() for item in batch)
 
         groups = [item.group for item in batch]
-        return score_requests(self.reranker, groups, observer=self.observer, should_stop=abandoned)
+        contexts = [item.context for item in batch]
+        return score_requests(
+            self.reranker, groups, observer=self.observer, should_stop=abandoned, contexts=contexts
+        )
 
 
 class ScoreRequest(NamedTuple):
@@ -369,6 +374,7 @@ def score_requests(
     *,
     observer: BatchObserver | None = None,
     should_stop: StopCheck | None = None,
+    contexts: Sequence[Any] | None = None,
 ) -> list[ScoredRequest | Exception]:
     """Score several requests with one engine call, each failure kept to its request.
 
@@ -385,13 +391,16 @@ def score_requests(
         observer: Called after each engine call with (requests merged, pairs, seconds).
         should_stop: Asked by the engine between forward passes; once it returns ``True`` the
             work stops and every request gets :class:`~qwen3_rerank_plugins.protocol.ScoringStopped`.
+        contexts: Each request's OpenTelemetry context (from
+            :func:`~qwen3_rerank_plugins.tracing.capture_context`), in order: each engine call's
+            ``rerank batch`` span links to them ([otel]; else ignored).
 
     Returns:
         For each request, in order, its :class:`ScoredRequest` or the exception it raised.
     """
     items = list(requests)
     try:
-        return list(_score_together(reranker, items, observer, should_stop))
+        return list(_score_together(reranker, items, observer, should_stop, contexts))
     except ScoringStopped as exc:
         logger.info("stopped a batch of %d requests whose clients had all gone (%s)", len(items), exc)
         return [exc] * len(items)
@@ -403,13 +412,18 @@ def score_requests(
     # the others stay batched together (a one-by-one retry would let one bad request turn a
     # merged batch into n single ones).
     half = len(items) // 2
+    first, second = (None, None) if contexts is None else (list(contexts)[:half], list(contexts)[half:])
     return score_requests(
-        reranker, items[:half], observer=observer, should_stop=should_stop
-    ) + score_requests(reranker, items[half:], observer=observer, should_stop=should_stop)
+        reranker, items[:half], observer=observer, should_stop=should_stop, contexts=first
+    ) + score_requests(reranker, items[half:], observer=observer, should_stop=should_stop, contexts=second)
 
 
 def _score_together(
-    reranker: Scorer, items: list[Any], observer: BatchObserver | None, should_stop: StopCheck | None
+    reranker: Scorer,
+    items: list[Any],
+    observer: BatchObserver | None,
+    should_stop: StopCheck | None,
+    contexts: Sequence[Any] | None = None,
 ) -> list[ScoredRequest]:
     groups = [
         item
@@ -426,7 +440,8 @@ def _score_together(
         for item in items
     ]
     start = time.perf_counter()
-    scored = reranker.score_groups(groups, should_stop=should_stop)
+    with batch_span(len(items), sum(len(item.texts) for item in items), contexts):  # [otel]; else a no-op
+        scored = reranker.score_groups(groups, should_stop=should_stop)
     elapsed = time.perf_counter() - start
     if observer is not None:
         with contextlib.suppress(Exception):
