@@ -171,6 +171,28 @@ def test_concurrent_requests_are_spread_over_both_replicas(ray_url: str, reranke
         assert scores == pytest.approx(expected, abs=TOL)
 
 
+def test_a_repeated_request_is_answered_from_the_score_cache(ray_url: str, reranker: Reranker) -> None:
+    """Each replica keeps its own in-process cache (on by default, as in ``serve``): of N identical
+    requests at most one per replica is computed, the others are answered from the cache."""
+    query = f"Ray 缓存测试 {time.monotonic_ns()}"  # new to every replica's cache
+    tokens = reranker.count_tokens(query, DOCS)
+    expected = reranker.score(query, DOCS)
+    cached = []
+    with httpx.Client(base_url=ray_url, timeout=60) as http:
+        for _ in range(6):
+            answer = http.post("/v1/rerank", json={"query": query, "documents": DOCS})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["usage"]["prompt_tokens"] == tokens
+            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+            scores = [0.0] * len(DOCS)
+            for r in body["results"]:
+                scores[r["index"]] = r["relevance_score"]
+            assert scores == pytest.approx(expected, abs=TOL)  # a hit answers as the computation did
+    assert cached[0] == 0 and set(cached) <= {0, tokens}
+    assert cached.count(tokens) >= len(cached) - 2  # computed at most once per replica
+
+
 @pytest.fixture(scope="module")
 def plain_url(reranker: Reranker) -> Iterator[str]:
     """The plain service (``qwen3-rerank serve``) on the same tiny model, to compare answers with."""
