@@ -14,12 +14,15 @@ Each round uses new texts (a round tag in every document), so no round is helped
 one; rounds alternate between the two services and each phase keeps its best round. Printed:
 pairs/s, p50/p95 latency, the hit rate read from the cached service's ``/metrics``, the
 with/without throughput ratio on each trace, and the largest score difference between the two
-services' answers to the same request (a hit must equal a computation).
+services' answers to the same request (a hit must equal a computation), and per phase the
+service's engine time (its /metrics): the share of the wall time its engine was busy, its engine
+calls and the requests merged per call (what tells client-bound from compute-bound).
 
 Usage (run it under the benchmark lock on a shared machine)::
 
     flock /tmp/bench.lock python benchmarks/cache_throughput.py                 # 0.6B shape, CPU
     flock /tmp/bench.lock python benchmarks/cache_throughput.py --demo-size tiny --requests 200
+    flock /tmp/bench.lock python benchmarks/cache_throughput.py --layers 6 --rounds 3   # 0.6B shape, 6 layers
     python benchmarks/cache_throughput.py --model Qwen/Qwen3-Reranker-0.6B --device cuda
 
 Without ``--model`` the services run a random-weight demo model of the real 0.6B shape
@@ -96,6 +99,9 @@ class Phase:
     seconds: float
     latencies: list[float]
     pairs: int
+    engine_seconds: float = 0.0  # the service's engine time in the phase (its /metrics)
+    engine_calls: float = 0.0
+    merged_requests: float = 0.0
 
     @property
     def pairs_per_s(self) -> float:
@@ -111,6 +117,10 @@ async def replay(url: str, trace: list[dict], clients: int) -> tuple[Phase, list
     seconds, latencies, answers = await run_concurrent(url, trace, clients)
     scores = [[by_index[k] for k in sorted(by_index)] for by_index in answers]
     return Phase(seconds, latencies, sum(len(b["documents"]) for b in trace)), scores
+
+
+def _delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -164,6 +174,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="hub id or directory (default: a random-weight demo model)")
     parser.add_argument("--demo-size", default="0.6b", choices=["tiny", "0.6b", "4b", "8b"])
+    parser.add_argument(
+        "--layers", type=int, default=0, help="layers of the random model (0: the shape's; 6: a quick run)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--requests", type=int, default=24, help="requests per trace (default: 24)")
     parser.add_argument("--docs", type=int, default=5, help="documents per request (default: 5)")
@@ -174,7 +187,15 @@ def main() -> int:
     args = parser.parse_args()
 
     model = args.model
-    if model is None:
+    if model is None and args.layers:
+        import run  # benchmarks/run.py: builds and caches random-weight real-shape models
+
+        model = str(run._reduced_model_dir(args.demo_size, args.layers))
+        print(
+            f"model: random-weight {args.demo_size} shape with {args.layers} layers at {model}: "
+            "scores are meaningless"
+        )
+    elif model is None:
         from qwen3_rerank_plugins.demo import demo_model_dir
 
         model = str(demo_model_dir(args.demo_size))
@@ -201,8 +222,12 @@ def main() -> int:
             for trace_name, trace in traces.items():
                 answers = {}
                 for name in order:
-                    before = _metrics(services[name].url) if name == "on" else {}
+                    before = _metrics(services[name].url)
                     phase, answers[name] = asyncio.run(replay(services[name].url, trace, args.clients))
+                    engine = _metrics(services[name].url)
+                    phase.engine_seconds = _delta(engine, before, "qwen3_rerank_batch_duration_seconds_sum")
+                    phase.engine_calls = _delta(engine, before, "qwen3_rerank_batch_requests_count")
+                    phase.merged_requests = _delta(engine, before, "qwen3_rerank_batch_requests_sum")
                     key = (trace_name, name)
                     if key not in best or phase.seconds < best[key].seconds:
                         best[key] = phase
@@ -230,13 +255,16 @@ def main() -> int:
         f"repeating trace: {args.repeat_rate:.0%} of requests repeat an earlier one exactly; "
         f"best of {args.rounds} alternating rounds, new texts every round\n"
     )
-    print("| trace | cache | pairs/s | p50 ms | p95 ms |")
-    print("|---|---|---:|---:|---:|")
+    print("| trace | cache | pairs/s | p50 ms | p95 ms | engine busy | engine s | engine calls | requests/call |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for trace_name in ("repeating", "all-miss"):
         for name in ("off", "on"):
             p = best[(trace_name, name)]
+            per_call = p.merged_requests / p.engine_calls if p.engine_calls else float("nan")
             print(
-                f"| {trace_name} | {name} | {p.pairs_per_s:.2f} | {p.percentile(0.5):.0f} | {p.percentile(0.95):.0f} |"
+                f"| {trace_name} | {name} | {p.pairs_per_s:.2f} | {p.percentile(0.5):.0f} | {p.percentile(0.95):.0f} "
+                f"| {p.engine_seconds / p.seconds:.0%} | {p.engine_seconds:.1f} | {p.engine_calls:.0f} "
+                f"| {per_call:.2f} |"
             )
     rate = hits / (hits + misses) if hits + misses else float("nan")
     speedup = best[("repeating", "on")].pairs_per_s / best[("repeating", "off")].pairs_per_s
