@@ -25,6 +25,10 @@ Usage::
 
     flock /tmp/bench.lock python benchmarks/overload.py --layers 6
     python benchmarks/overload.py --layers 2 --overload-seconds 10 --light-seconds 5   # a quick look
+    flock /tmp/bench.lock python benchmarks/overload.py --layers 6 --ray   # the same app under Ray Serve
+
+With ``--ray`` the service is ``qwen3-rerank serve --ray`` with one replica holding the machine's
+CPUs (needs the ``[ray]`` extra): the same app, its admission per replica, behind Ray's proxy.
 """
 
 from __future__ import annotations
@@ -113,6 +117,12 @@ def _body(i: int, docs: int) -> dict:
     return {"query": QUERIES[i % len(QUERIES)], "documents": passages}
 
 
+def _gauge(client: httpx.Client, name: str) -> float | None:
+    text = client.get("/metrics").text
+    values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    return values[0] if values else None
+
+
 def _refusals(client: httpx.Client) -> dict[str, float]:
     text = client.get("/metrics").text
     return {
@@ -175,6 +185,7 @@ def main() -> int:
     parser.add_argument("--light", type=float, default=0.4, help="light load, times capacity (default: 0.4)")
     parser.add_argument("--light-seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, help="torch threads of the service (default: torch's choice)")
+    parser.add_argument("--ray", action="store_true", help="serve through Ray Serve (one replica)")
     parser.add_argument("--out", default=str(HERE / ".work" / "last-overload.json"))
     args = parser.parse_args()
 
@@ -196,6 +207,9 @@ def main() -> int:
         # would be a hit and no overload would ever form. The admission is measured on compute.
         "--cache-size", "0",
     ]  # fmt: skip
+    if args.ray:
+        cpus = str(os.cpu_count() or 1)
+        command += ["--ray", "--replicas", "1", "--cpus-per-replica", cpus, "--gpus-per-replica", "0"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -234,6 +248,7 @@ def main() -> int:
                 open_loop(url, "overload", args.overload * capacity, args.overload_seconds, args.docs, 100)
             )
             during = _refusals(client)
+            margin = _gauge(client, "qwen3_rerank_estimate_margin_seconds")
             cleared = time.monotonic()
             while client.get("/ready").status_code != 200:
                 time.sleep(0.2)
@@ -267,6 +282,8 @@ def main() -> int:
         "cores": os.cpu_count(),
         "model": f"random-weight {args.shape}, {args.layers or 'all'} layers (scores meaningless)",
         "max_queue_wait_s": limit,
+        "served_by": "ray serve (1 replica)" if args.ray else "qwen3-rerank serve",
+        "estimate_margin_s_after_overload": None if margin is None else round(margin, 3),
         "docs_per_request": args.docs,
         "single_request_s": {"median": round(single, 3), "all": [round(s, 3) for s in singles]},
         "phases": [h, lt],

@@ -259,7 +259,13 @@ def test_ready_says_loading_then_ready_and_the_limit_is_reported(reranker: Reran
     assert loading.status_code == 503 and loading.json() == {"ready": False, "reason": "loading"}
     assert "retry-after" in loading.headers
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "queue": 0, "estimated_wait_s": None, "max_queue_wait_s": 2.5}
+    assert ready.json() == {
+        "ready": True,
+        "queue": 0,
+        "estimated_wait_s": None,
+        "estimate_margin_s": 0.0,
+        "max_queue_wait_s": 2.5,
+    }
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "3"])
@@ -271,3 +277,62 @@ def test_a_bad_max_queue_wait_is_refused_at_start_up(value: Any) -> None:
 def test_the_default_limit_and_no_limit() -> None:
     assert ServiceConfig().max_queue_wait == DEFAULT_MAX_QUEUE_WAIT_S
     assert ServiceConfig(max_queue_wait=None).max_queue_wait is None
+
+
+def test_the_python_client_sends_what_is_left_of_its_timeout_as_the_deadline(reranker: Reranker) -> None:
+    from qwen3_rerank_plugins.client import RerankClient, RerankServiceError
+
+    slow = reranker.with_settings(max_batch_size=1)
+    app = create_app(slow, max_queue_wait=None, batch_wait_ms=0, cache_size=0)
+    with paced(reranker) as passes, ServerThread(app) as server:
+        before = _metrics(server.url)
+        thread, _ = _occupy(server.url)
+        wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
+        client = RerankClient(server.url, timeout=0.4)
+        started = time.monotonic()
+        with pytest.raises(RerankServiceError) as raised:
+            client.rerank("退货", DOCS)
+        took = time.monotonic() - started
+        kept = RerankClient(server.url, timeout=0.4, on_overload="keep_order").rerank("退货", DOCS, top_n=2)
+        thread.join(timeout=60)
+        after = _metrics(server.url)
+    # The service, not the client's read timeout, ended it: 503 deadline_exceeded, never scored.
+    assert raised.value.status_code == 503 and "deadline" in str(raised.value)
+    assert took < 0.4 + 0.5
+    assert _refusals(after, "deadline") == 2
+    assert after[PAIRS] - before.get(PAIRS, 0) == 40  # only the long request was scored
+    assert [hit.index for hit in kept] == [0, 1]
+
+
+async def _late_start(reranker: Reranker) -> tuple[float, float, float]:
+    """A batcher whose measured speed is then wrong: a request admitted on a zero estimate
+    starts late. Returns (margin after it, margin once the errors aged out, its lateness)."""
+    from qwen3_rerank_plugins.protocol import ScoreGroup
+    from qwen3_rerank_plugins.server import batcher as batching
+
+    slow = reranker.with_settings(max_batch_size=1)
+    batcher = batching.MicroBatcher(slow, max_wait_ms=0)
+    await batcher.start()
+    try:
+        with paced(reranker, 0.05):
+            long = asyncio.ensure_future(batcher.submit(ScoreGroup(QUERY, DOCS * 4, None), cost=10.0))
+            await asyncio.sleep(0.1)  # the long request is being scored
+            await batcher.submit(ScoreGroup(QUERY, DOCS[:1], None), cost=1.0, estimate=0.0)
+            await long
+        margin = batcher.estimate_margin()
+        saved = batching.ERROR_MAX_AGE_S
+        batching.ERROR_MAX_AGE_S = 0.0
+        try:
+            aged = batcher.estimate_margin()
+        finally:
+            batching.ERROR_MAX_AGE_S = saved
+        return margin, aged, batcher._errors[-1][1]
+    finally:
+        await batcher.close()
+
+
+def test_admission_keeps_headroom_for_how_late_recent_estimates_were(reranker: Reranker) -> None:
+    margin, aged, late = asyncio.run(_late_start(reranker))
+    assert late > 0.3  # it waited behind ~12 slow passes while estimated to start at once
+    assert margin == pytest.approx(late)
+    assert aged == 0.0  # errors age out: one slow moment narrows admission for a minute at most

@@ -319,6 +319,31 @@ def test_ray_answers_metrics_a_stalled_upload_and_an_over_budget_request(
     assert BODY_TIMEOUT_S - 0.5 <= waited < BODY_TIMEOUT_S + 30
 
 
+def test_ray_replicas_apply_the_overload_policy(ray_url: str, reranker: Reranker) -> None:
+    """Admission by time is the app's, so each replica has it: /ready, client deadlines and the
+    Python client's X-Request-Timeout all pass through Ray's proxy."""
+    with httpx.Client(base_url=ray_url, timeout=60) as http:
+        http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})  # a measured speed
+        ready = http.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["ready"] is True and ready.json()["max_queue_wait_s"] == 10.0
+        assert {"estimated_wait_s", "estimate_margin_s", "queue"} <= set(ready.json())
+        late = http.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCS}, headers={"X-Request-Timeout": "0.000001"}
+        )
+        assert late.status_code == 503, late.text
+        assert late.json()["error"]["type"] == "deadline_exceeded"
+        assert 1 <= int(late.headers["retry-after"]) <= 60
+        bad = http.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCS}, headers={"X-Request-Timeout": "x"}
+        )
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "X-Request-Timeout"
+    with RemoteReranker(ray_url, timeout=30) as remote:  # sends what is left of its 30 s
+        got = remote.rerank(QUERY, DOCS)
+    expected = reranker.rerank(QUERY, DOCS)
+    assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=TOL)
+
+
 # -- without a cluster --------------------------------------------------------------------------
 
 

@@ -15,7 +15,9 @@ Both clients speak two endpoints: ``/v1/rerank`` (the Cohere / Jina / vLLM shape
 Built for a pool of replicas behind a load balancer:
 
 * **Timeouts**: ``timeout`` seconds for a whole call, retries and their waits included (each
-  attempt gets what is left), ``connect_timeout`` to open a connection.
+  attempt gets what is left), ``connect_timeout`` to open a connection. Each attempt tells the
+  service what is left in ``X-Request-Timeout``, so it never starts scoring a request after the
+  client has given up on it (it answers 503 ``deadline_exceeded`` instead).
 * **Retries** with exponential backoff and jitter on connection errors, 5xx answers and 429,
   honouring the server's ``Retry-After`` (see :class:`RetryPolicy`) but never past the call's
   ``timeout``: a wait that would end after it fails the call at once. Reranking is idempotent,
@@ -48,6 +50,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._optional import require
+from .server_defaults import REQUEST_TIMEOUT_HEADER
 from .tracing import httpx_event_hooks
 from .validation import check_positive_int, check_top_n, document_text
 
@@ -416,6 +419,12 @@ class _Attempts:
             return None
         return httpx.Timeout(max(left, 0.001))
 
+    def deadline_headers(self) -> dict[str, str]:
+        """``X-Request-Timeout`` with what is left of the call's time: the service never starts
+        scoring a request after this client has stopped waiting for it."""
+        left = max(self.deadline - time.monotonic(), 0.001)
+        return {REQUEST_TIMEOUT_HEADER: f"{left:.3f}"}
+
     def _past_deadline(self, wait: float) -> bool:
         return time.monotonic() + wait >= self.deadline
 
@@ -636,7 +645,7 @@ class RerankClient(_ClientSettings):
             try:
                 timeout = attempts.attempt_timeout()
                 extra = {} if timeout is None else {"timeout": timeout}
-                response = self._http.request(method, path, json=payload, **extra)
+                response = self._http.request(method, path, json=payload, headers=attempts.deadline_headers(), **extra)
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:
@@ -776,7 +785,7 @@ class AsyncRerankClient(_ClientSettings):
             try:
                 timeout = attempts.attempt_timeout()
                 extra = {} if timeout is None else {"timeout": timeout}
-                response = await self._http.request(method, path, json=payload, **extra)
+                response = await self._http.request(method, path, json=payload, headers=attempts.deadline_headers(), **extra)
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:

@@ -85,15 +85,25 @@ class _Queued:
     reason: str = "waited_too_long"
     start_by: float | None = None
     timer: asyncio.TimerHandle | None = None
+    queued_at: float = 0.0
+    estimate: float | None = None  # the wait it was admitted on
     context: Any = None  # the request's OpenTelemetry context, linked from its batch's span
 
 
 #: Weight of the newest engine call in the moving average of the throughput.
 THROUGHPUT_SMOOTHING = 0.5
 
+#: How many of the latest admitted requests' estimate errors :meth:`MicroBatcher.estimate_margin`
+#: reads, and how old (seconds) the oldest of them may be.
+ERROR_WINDOW = 32
+ERROR_MAX_AGE_S = 60.0
+
 
 #: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
 BatchObserver = Callable[[int, int, float], None]
+
+#: Called with the seconds each request waited in the queue before its scoring started.
+WaitObserver = Callable[[float], None]
 
 
 class MicroBatcher:
@@ -107,6 +117,8 @@ class MicroBatcher:
             whole (the engine splits it by its token budget).
         max_queue: Most requests waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
         observer: Optional callback ``(requests, pairs, seconds)`` after every engine call.
+        wait_observer: Optional callback with each request's wait in the queue, in seconds,
+            when its scoring starts.
         max_batch_seconds: Once a throughput has been measured, most estimated engine seconds
             merged into one batch (at least one request): every request in a batch waits for
             the whole batch, so this bounds what merging adds to a request's answer time
@@ -127,6 +139,7 @@ class MicroBatcher:
         max_queue: int = 1024,
         observer: BatchObserver | None = None,
         max_batch_seconds: float | None = None,
+        wait_observer: WaitObserver | None = None,
     ) -> None:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
@@ -139,6 +152,7 @@ class MicroBatcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_queue = max_queue
         self.observer = observer
+        self.wait_observer = wait_observer
         self.max_batch_seconds = max_batch_seconds
         self._items: deque[_Queued] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -149,6 +163,7 @@ class MicroBatcher:
         self._running_cost = 0.0
         self._running_since: float | None = None
         self._throughput: float | None = None
+        self._errors: deque[tuple[float, float]] = deque(maxlen=ERROR_WINDOW)  # (when, seconds late)
 
     @property
     def pending(self) -> int:
@@ -183,6 +198,25 @@ class MicroBatcher:
                 speed = self._running_cost / elapsed
         return remaining + self._queued_cost / speed
 
+    def estimate_margin(self) -> float:
+        """How much later than estimated the latest requests started, in seconds: the largest
+        shortfall of :meth:`estimated_wait` over the last ``ERROR_WINDOW`` requests admitted on
+        an estimate within the last ``ERROR_MAX_AGE_S`` seconds (0 when none was late).
+
+        Admission keeps this much headroom under its limit, so that a request admitted on an
+        estimate near the limit is seldom dropped at the limit after waiting for it: an
+        estimate is a moving average, and the engine's speed moves with the machine's load.
+        A request dropped at its limit counts with the shortfall it had reached then. Errors
+        age out, so one slow moment does not narrow admission for longer than a minute.
+        """
+        oldest = time.monotonic() - ERROR_MAX_AGE_S
+        return max((late for when, late in self._errors if when >= oldest and late > 0), default=0.0)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being scored: a request sent now starts at once."""
+        return not self._items and self._running_since is None
+
     async def start(self) -> None:
         """Start the worker on the running event loop."""
         if self._worker is not None:
@@ -198,6 +232,7 @@ class MicroBatcher:
         cost: float = 0.0,
         start_by: float | None = None,
         reason: str = "waited_too_long",
+        estimate: float | None = None,
     ) -> ScoredRequest:
         """Queue one request's :class:`~qwen3_rerank_plugins.protocol.ScoreGroup` and wait for its scores.
 
@@ -211,6 +246,8 @@ class MicroBatcher:
             start_by: ``time.monotonic()`` by which its scoring must have started; past it the
                 request leaves the queue unscored (:class:`WaitedTooLongError`).
             reason: The :attr:`WaitedTooLongError.reason` it then gets.
+            estimate: The :meth:`estimated_wait` it was admitted on; how much later it actually
+                starts feeds :meth:`estimate_margin`.
 
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
@@ -223,9 +260,13 @@ class MicroBatcher:
             raise QueueFullError(f"{len(self._items)} requests are already waiting to be scored")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ScoredRequest] = loop.create_future()
-        item = _Queued(group, future, float(cost), reason, start_by, context=capture_context())
+        now = time.monotonic()
+        context = capture_context()  # linked from the span of the engine call that scores it
+        item = _Queued(
+            group, future, float(cost), reason, start_by, queued_at=now, estimate=estimate, context=context
+        )
         if start_by is not None:
-            item.timer = loop.call_at(loop.time() + (start_by - time.monotonic()), self._expire, item)
+            item.timer = loop.call_at(loop.time() + (start_by - now), self._expire, item)
         self._items.append(item)
         self._queued_cost += item.cost
         self._wakeup.set()
@@ -243,6 +284,7 @@ class MicroBatcher:
             return
         self._items.remove(item)
         self._queued_cost = max(0.0, self._queued_cost - item.cost)
+        self._waited(item, scored=False)
         what = "its own deadline" if item.reason == "deadline" else "the service's max_queue_wait"
         item.future.set_exception(
             WaitedTooLongError(f"the request waited past {what} before it could be scored", item.reason)
@@ -322,6 +364,7 @@ class MicroBatcher:
                 break
             batch.append(self._items.popleft())
             self._queued_cost = max(0.0, self._queued_cost - item.cost)
+            self._waited(item, scored=True)
             if item.timer is not None:  # its scoring starts now: no longer droppable
                 item.timer.cancel()
                 item.timer = None
@@ -330,6 +373,17 @@ class MicroBatcher:
         if not self._items:
             self._queued_cost = 0.0  # no drift from float sums
         return batch
+
+    def _waited(self, item: _Queued, *, scored: bool) -> None:
+        """An item leaves the queue (its scoring starts, or it is dropped at its deadline):
+        note how far off its estimate was, and report the wait of one that is scored."""
+        now = time.monotonic()
+        waited = now - item.queued_at
+        if item.estimate is not None:
+            self._errors.append((now, waited - item.estimate))
+        if scored and self.wait_observer is not None:
+            with contextlib.suppress(Exception):
+                self.wait_observer(waited)
 
     @staticmethod
     def _settle(batch: list[_Queued], outcomes: list[ScoredRequest | Exception]) -> None:

@@ -39,6 +39,10 @@ class ServiceMetrics:
             before scoring), ``model_loading``.
         estimated_wait: ``estimated_wait_seconds`` how long a request sent now would wait
             before its scoring starts (NaN until the first engine call is measured).
+        estimate_margin: ``estimate_margin_seconds`` the headroom admission keeps under
+            ``max_queue_wait``: how much later than estimated the latest requests started.
+        queue_wait: ``queue_wait_seconds`` how long each scored request waited in the queue
+            before its scoring started.
         throughput: ``throughput_tokens_per_second`` moving average of prompt tokens scored
             per second (what the estimate divides by; NaN until measured).
         model_loaded: ``model_loaded`` 1 once the model is ready.
@@ -87,6 +91,17 @@ class ServiceMetrics:
         self.estimated_wait = Gauge(
             "qwen3_rerank_estimated_wait_seconds",
             "Estimated wait before scoring of a request sent now (NaN until measured)",
+            registry=r,
+        )
+        self.estimate_margin = Gauge(
+            "qwen3_rerank_estimate_margin_seconds",
+            "Headroom kept under max_queue_wait: how much later than estimated recent requests started",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "qwen3_rerank_queue_wait_seconds",
+            "Time a scored request waited in the queue before its scoring started",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.throughput = Gauge(

@@ -136,6 +136,7 @@ class RerankService:
             max_batch_pairs=config.max_batch_pairs,
             max_queue=config.max_queue,
             observer=self.metrics.observe_batch,
+            wait_observer=self.metrics.queue_wait.observe,
             max_batch_seconds=None if config.max_queue_wait is None else config.max_queue_wait * BATCH_SHARE,
         )
         await batcher.start()
@@ -145,6 +146,7 @@ class RerankService:
         self.metrics.model_info.labels(self.model_name, device, dtype).set(1)
         self.metrics.queue_depth.set_function(lambda: batcher.pending)
         self.metrics.estimated_wait.set_function(lambda: _or_nan(batcher.estimated_wait()))
+        self.metrics.estimate_margin.set_function(batcher.estimate_margin)
         self.metrics.throughput.set_function(lambda: _or_nan(batcher.throughput))
         self.metrics.model_loaded.set(1)
         self.batcher = batcher
@@ -189,7 +191,8 @@ class RerankService:
     def readiness(self) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         """``(status, body, headers)`` of ``GET /ready``: 200 when a request sent now would be
         admitted, 503 (with ``Retry-After``) when it would be refused: the model is loading or
-        failed to, the queue is full, or the estimated wait is past ``max_queue_wait``.
+        failed to, the queue is full, or the estimated wait (with its headroom) is past
+        ``max_queue_wait``: the rule :meth:`admit` applies.
 
         Unlike ``/health`` (200 while the process serves, however busy), this is the signal for
         a load balancer to send new work elsewhere.
@@ -200,18 +203,20 @@ class RerankService:
             status, body, headers = self.health()
             return status, {"ready": False, "reason": body["status"]}, headers
         wait = batcher.estimated_wait()
+        margin = 0.0 if wait is None else _planned_wait(batcher, wait) - wait
         body: dict[str, Any] = {
             "ready": True,
             "queue": batcher.pending,
             "estimated_wait_s": None if wait is None else round(wait, 3),
+            "estimate_margin_s": round(margin, 3),
             "max_queue_wait_s": limit,
         }
         if batcher.pending >= batcher.max_queue:
             body.update(ready=False, reason="queue_full")
             return 503, body, {"Retry-After": RETRY_AFTER_BUSY}
-        if limit is not None and wait is not None and wait > limit:
+        if limit is not None and wait is not None and wait + margin > limit:
             body.update(ready=False, reason="overloaded")
-            return 503, body, {"Retry-After": _retry_after(wait - limit)}
+            return 503, body, {"Retry-After": _retry_after(wait + margin - limit)}
         return 200, body, None
 
     def models(self) -> dict[str, Any]:
@@ -239,13 +244,17 @@ class RerankService:
 
         return await answer(score)
 
-    async def admit(self, group: ScoreGroup, *, deadline: float | None = None) -> MicroBatcher:
+    async def admit(
+        self, group: ScoreGroup, *, deadline: float | None = None
+    ) -> tuple[MicroBatcher, float | None]:
         """Admit one request's work or refuse it; the one place that decides.
 
         Admission by time: the batcher estimates how long a request queued now would wait
         before its scoring starts (the prompt tokens queued ahead and the rest of the batch
         being scored, at the tokens/s it has measured). A request is refused at once when that
-        estimate is past ``max_queue_wait`` or past its own ``deadline``. Before the first
+        estimate, plus the headroom of :meth:`MicroBatcher.estimate_margin` (how much later than
+        estimated the latest requests started), is past ``max_queue_wait`` or past its own
+        ``deadline``. Before the first
         engine call has been measured there is no estimate: the service assumes nothing about
         its speed and admits (up to ``max_queue``); the batcher's drop of a request that waited
         past its limit still keeps it from being scored late.
@@ -256,7 +265,8 @@ class RerankService:
                 (from ``X-Request-Timeout``), or ``None``.
 
         Returns:
-            The batcher to queue it on.
+            The batcher to queue it on, and the estimated wait it was admitted on (``None``
+            before the first measurement).
 
         Raises:
             RequestError: 503 while the model loads (``Retry-After``) or after it failed to;
@@ -289,19 +299,22 @@ class RerankService:
             raise self._refuse_deadline("its deadline (X-Request-Timeout) passed before it was admitted", 0.0)
         wait = batcher.estimated_wait()
         if wait is None:
-            return batcher
+            return batcher, None
+        planned = _planned_wait(batcher, wait)
         limit = self.config.max_queue_wait
-        if limit is not None and wait > limit:
+        if limit is not None and planned > limit:
             self.metrics.refusals.labels("estimated_wait").inc()
             raise _overloaded(
-                f"estimated wait {wait:.1f} s is past max_queue_wait {limit:g} s", retry_after=wait - limit
+                f"estimated wait {_wait_text(wait, planned)} is past max_queue_wait {limit:g} s",
+                retry_after=planned - limit,
             )
-        if deadline is not None and now + wait > deadline:
+        if deadline is not None and now + planned > deadline:
             raise self._refuse_deadline(
-                f"its estimated wait of {wait:.1f} s ends past its deadline (X-Request-Timeout)",
-                now + wait - deadline,
+                f"its estimated wait of {_wait_text(wait, planned)} ends past its deadline "
+                "(X-Request-Timeout)",
+                now + planned - deadline,
             )
-        return batcher
+        return batcher, wait
 
     def _refuse_deadline(self, reason: str, late: float) -> RequestError:
         self.metrics.refusals.labels("deadline").inc()
@@ -334,7 +347,7 @@ class RerankService:
                 while shutting down; 500 when the engine fails.
         """
         try:
-            batcher = await self.admit(group, deadline=deadline)
+            batcher, wait = await self.admit(group, deadline=deadline)
             limit = self.config.max_queue_wait
             start_by, reason = deadline, "deadline"
             if limit is not None and (deadline is None or time.monotonic() + limit < deadline):
@@ -342,7 +355,7 @@ class RerankService:
             # Every request's tokens are counted, deadline or not: they are the work queued
             # ahead of the next one, and what the throughput is measured in.
             cost = await self._cost(group)
-            return await batcher.submit(group, cost=cost, start_by=start_by, reason=reason)
+            return await batcher.submit(group, cost=cost, start_by=start_by, reason=reason, estimate=wait)
         except RequestError:
             raise
         except QueueFullError as exc:
@@ -376,6 +389,20 @@ class RerankService:
             raise RequestError(
                 f"scoring failed: {type(exc).__name__}: {exc}", status_code=500, type="internal_error"
             ) from exc
+
+
+def _planned_wait(batcher: MicroBatcher, wait: float) -> float:
+    """The wait admission plans with: the estimate plus the headroom of recent estimate errors,
+    except when the batcher is idle (nothing ahead of the request, nothing to misjudge), so a
+    quiet service always admits, and its errors age out."""
+    return wait if batcher.idle else wait + batcher.estimate_margin()
+
+
+def _wait_text(wait: float, planned: float) -> str:
+    """The estimated wait as an error message gives it, with the headroom admission adds."""
+    if planned - wait < 0.05:
+        return f"{wait:.1f} s"
+    return f"{wait:.1f} s (+{planned - wait:.1f} s for recent estimate errors)"
 
 
 def _overloaded(reason: str, *, retry_after: float = 0.0) -> RequestError:
