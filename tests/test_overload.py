@@ -285,9 +285,15 @@ def test_the_python_client_sends_what_is_left_of_its_timeout_as_the_deadline(rer
     slow = reranker.with_settings(max_batch_size=1)
     app = create_app(slow, max_queue_wait=None, batch_wait_ms=0, cache_size=0)
     with paced(reranker) as passes, ServerThread(app) as server:
+        # A measured speed, so that the service refuses at admission (an unmeasured one would
+        # drop the request when its deadline passes: about when the client gives up itself).
+        assert (
+            httpx.post(f"{server.url}/v1/rerank", json={"query": "发票", "documents": DOCS}).status_code
+            == 200
+        )
         before = _metrics(server.url)
         thread, _ = _occupy(server.url)
-        wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
+        wait_for(lambda: len(passes) >= 5, 30, "the long request to start running")
         client = RerankClient(server.url, timeout=0.4)
         started = time.monotonic()
         with pytest.raises(RerankServiceError) as raised:
