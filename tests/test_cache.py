@@ -196,6 +196,28 @@ def test_a_group_can_opt_out(reranker):
         cached.score_groups([ScoreGroup(FAQ_QUERY, FAQ_DOCS, cache="no")])  # type: ignore[arg-type]
 
 
+def test_cached_scores_answers_a_fully_cached_group_and_counts_nothing_otherwise(reranker):
+    cached = reranker.with_cache(1000)
+    group = ScoreGroup(FAQ_QUERY, FAQ_DOCS)
+    assert cached.cached_scores(group) is None  # nothing cached yet
+    assert reranker.cached_scores(group) is None  # no cache at all
+    assert cached.cache.stats()["misses"] == 0  # a miss of the all-or-nothing lookup is not counted
+    computed = cached.score_groups([group])[0]
+    before = cached.cache.stats()
+    answer = cached.cached_scores(group)
+    assert answer is not None
+    assert answer.logits == computed.logits and answer.tokens == computed.tokens
+    assert answer.cached_tokens == answer.tokens  # every token answered from the cache
+    assert cached.cached_scores(ScoreGroup(FAQ_QUERY, FAQ_DOCS, cache=False)) is None
+    assert cached.cached_scores(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS, "新的问题"])) is None  # one miss
+    stats = cached.cache.stats()
+    assert stats["hits"]["memory"] - before["hits"]["memory"] == len(set(FAQ_DOCS))
+    assert stats["misses"] == before["misses"]
+    assert stats["pairs_saved"] - before["pairs_saved"] == len(FAQ_DOCS)
+    with pytest.raises(ValueError, match="max_doc_tokens"):
+        cached.cached_scores(ScoreGroup(FAQ_QUERY, FAQ_DOCS, max_doc_tokens=-1))
+
+
 # ------------------------------------------------------------------ the key
 
 

@@ -342,3 +342,26 @@ def test_admission_keeps_headroom_for_how_late_recent_estimates_were(reranker: R
     assert late > 0.3  # it waited behind ~12 slow passes while estimated to start at once
     assert margin == pytest.approx(late)
     assert aged == 0.0  # errors age out: one slow moment narrows admission for a minute at most
+
+
+def test_a_fully_cached_request_is_answered_at_once_while_new_work_is_refused(reranker: Reranker) -> None:
+    slow = reranker.with_settings(max_batch_size=1)
+    app = create_app(slow, max_queue_wait=0.3, batch_wait_ms=0, cache_size=1000)
+    body = {"query": "退货", "documents": DOCS}
+    expected = expected_scores(reranker, "退货", DOCS)
+    with paced(reranker) as passes, ServerThread(app) as server:
+        url = f"{server.url}/v1/rerank"
+        first = httpx.post(url, json=body, timeout=30)  # computed, now cached; a measured speed
+        thread, _ = _occupy(server.url)
+        wait_for(lambda: len(passes) >= len(DOCS) + 5, 30, "the long request to start running")
+        started = time.monotonic()
+        again = httpx.post(url, json=body, timeout=30)
+        took = time.monotonic() - started
+        new = httpx.post(url, json={"query": "退货", "documents": [*DOCS, "新的问题"]}, timeout=30)
+        thread.join(timeout=60)
+    check_exact_answer(first, expected)
+    check_exact_answer(again, expected)
+    usage = again.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] > 0
+    assert took < 0.5, f"a fully cached request waited {took:.2f} s behind other work"
+    _check_refusal(new, "overloaded")  # one miss: it is work, and the queue is past the limit

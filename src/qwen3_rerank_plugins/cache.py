@@ -395,23 +395,30 @@ class ScoreCache:
 
     # -- lookups --------------------------------------------------------------------------------
 
-    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, CachedScore]:
+    def get_many(self, keys: Iterable[bytes], *, all_or_nothing: bool = False) -> dict[bytes, CachedScore]:
         """The cached scores of ``keys`` (each key counted once as a hit or a miss).
 
-        Redis hits are copied into the in-process tier.
+        Redis hits are copied into the in-process tier. With ``all_or_nothing``, a lookup that
+        misses any key returns nothing and counts nothing (the caller will look the keys up
+        again when it scores them).
         """
         wanted = list(dict.fromkeys(keys))
         found: dict[bytes, CachedScore] = {}
+        from_memory = from_redis = 0
         if self.memory is not None:
             found = self.memory.get_many(wanted)
-            self._counters.add("hits.memory", len(found))
+            from_memory = len(found)
         if self.redis is not None and len(found) < len(wanted):
             rest = [k for k in wanted if k not in found]
             shared = self.redis.get_many(rest)
-            self._counters.add("hits.redis", len(shared))
+            from_redis = len(shared)
             if shared and self.memory is not None:
                 self.memory.put_many(shared)
             found.update(shared)
+        if all_or_nothing and len(found) < len(wanted):
+            return {}
+        self._counters.add("hits.memory", from_memory)
+        self._counters.add("hits.redis", from_redis)
         self._counters.add("misses", len(wanted) - len(found))
         return found
 

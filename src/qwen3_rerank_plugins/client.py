@@ -645,7 +645,9 @@ class RerankClient(_ClientSettings):
             try:
                 timeout = attempts.attempt_timeout()
                 extra = {} if timeout is None else {"timeout": timeout}
-                response = self._http.request(method, path, json=payload, headers=attempts.deadline_headers(), **extra)
+                response = self._http.request(
+                    method, path, json=payload, headers=attempts.deadline_headers(), **extra
+                )
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:
@@ -785,7 +787,9 @@ class AsyncRerankClient(_ClientSettings):
             try:
                 timeout = attempts.attempt_timeout()
                 extra = {} if timeout is None else {"timeout": timeout}
-                response = await self._http.request(method, path, json=payload, headers=attempts.deadline_headers(), **extra)
+                response = await self._http.request(
+                    method, path, json=payload, headers=attempts.deadline_headers(), **extra
+                )
             except httpx.HTTPError as exc:
                 wait = attempts.after_error(exc)
             else:

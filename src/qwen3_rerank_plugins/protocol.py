@@ -193,6 +193,8 @@ class LocalScorer(Scorer, Protocol):
 
     def with_cache(self, cache: Any, *, cache_url: str | None = None) -> LocalScorer: ...
 
+    def cached_scores(self, group: ScoreGroup) -> GroupScores | None: ...
+
     def count_tokens(
         self,
         query: str,

@@ -27,7 +27,8 @@ class ServiceMetrics:
             client hung up first (while uploading or queued; nothing was sent), ``408``: its
             body did not arrive within the body timeout.
         latency: ``request_duration_seconds{endpoint}`` time from request to response.
-        pairs: ``pairs_scored_total`` (query, document) pairs scored.
+        pairs: ``pairs_scored_total`` (query, document) pairs sent to the engine (a request
+            the score cache answers whole at admission never reaches it; see the cache counters).
         batch_pairs: ``batch_pairs`` pairs per engine call.
         batch_requests: ``batch_requests`` requests merged into one engine call.
         batch_seconds: ``batch_duration_seconds`` time in the engine per call.

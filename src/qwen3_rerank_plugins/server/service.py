@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ..protocol import LocalScorer, ScoreGroup, Scorer, precision_name
 from ..server_defaults import REQUEST_TIMEOUT_HEADER, ServiceConfig
@@ -46,6 +46,15 @@ RETRY_AFTER_BUSY = "1"
 #: ``max(its own scoring time, BATCH_SHARE x limit)`` after it was admitted.
 BATCH_SHARE = 0.25
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
+
+
+class Admission(NamedTuple):
+    """What :meth:`RerankService.admit` decided for an admitted request: its answer, when the
+    score cache held all of it, or the batcher to queue it on and the wait it was estimated."""
+
+    batcher: MicroBatcher | None = None
+    wait: float | None = None
+    answer: ScoredRequest | None = None
 
 
 class RerankService:
@@ -244,9 +253,7 @@ class RerankService:
 
         return await answer(score)
 
-    async def admit(
-        self, group: ScoreGroup, *, deadline: float | None = None
-    ) -> tuple[MicroBatcher, float | None]:
+    async def admit(self, group: ScoreGroup, *, deadline: float | None = None) -> Admission:
         """Admit one request's work or refuse it; the one place that decides.
 
         Admission by time: the batcher estimates how long a request queued now would wait
@@ -264,9 +271,13 @@ class RerankService:
             deadline: ``time.monotonic()`` by which the client wants its scoring started
                 (from ``X-Request-Timeout``), or ``None``.
 
+        A request whose every pair the score cache already holds costs the model nothing: it is
+        answered at once from the cache (after the token budget's check), neither queued behind
+        other work nor refused for load.
+
         Returns:
-            The batcher to queue it on, and the estimated wait it was admitted on (``None``
-            before the first measurement).
+            The cache's answer, or the batcher to queue it on and the estimated wait it was
+            admitted on (``None`` before the first measurement).
 
         Raises:
             RequestError: 503 while the model loads (``Retry-After``) or after it failed to;
@@ -291,6 +302,12 @@ class RerankService:
             )
         if self.config.max_request_tokens is not None:
             await _check_token_budget(self.reranker, group, self.config.max_request_tokens)
+        if self.reranker.cache is not None and group.cache:
+            cached = await asyncio.to_thread(self.reranker.cached_scores, group)
+            if cached is not None:
+                return Admission(
+                    answer=ScoredRequest(cached.logits, cached.tokens, cached.spans, cached.cached_tokens)
+                )
         if batcher.pending >= batcher.max_queue:
             self.metrics.refusals.labels("queue_full").inc()
             raise _overloaded(f"{batcher.pending} requests are already waiting to be scored")
@@ -299,7 +316,7 @@ class RerankService:
             raise self._refuse_deadline("its deadline (X-Request-Timeout) passed before it was admitted", 0.0)
         wait = batcher.estimated_wait()
         if wait is None:
-            return batcher, None
+            return Admission(batcher)
         planned = _planned_wait(batcher, wait)
         limit = self.config.max_queue_wait
         if limit is not None and planned > limit:
@@ -314,7 +331,7 @@ class RerankService:
                 "(X-Request-Timeout)",
                 now + planned - deadline,
             )
-        return batcher, wait
+        return Admission(batcher, wait)
 
     def _refuse_deadline(self, reason: str, late: float) -> RequestError:
         self.metrics.refusals.labels("deadline").inc()
@@ -347,7 +364,11 @@ class RerankService:
                 while shutting down; 500 when the engine fails.
         """
         try:
-            batcher, wait = await self.admit(group, deadline=deadline)
+            admission = await self.admit(group, deadline=deadline)
+            if admission.answer is not None:
+                return admission.answer
+            batcher, wait = admission.batcher, admission.wait
+            assert batcher is not None
             limit = self.config.max_queue_wait
             start_by, reason = deadline, "deadline"
             if limit is not None and (deadline is None or time.monotonic() + limit < deadline):
