@@ -118,27 +118,6 @@ def test_demo_checkpoint_lists_its_added_tokens_and_an_old_cache_is_upgraded(
     assert demo_model_dir("tiny") == old  # idempotent
 
 
-def test_tokenizer_read_beside_the_model_is_the_plain_one(tiny_model_dir, tiny_word_model_dir, tmp_path):
-    # from_pretrained reads the tokenizer in a worker thread while the model loads: same tokenizer
-    # as AutoTokenizer alone, for the real vocabulary and for the word-level one.
-    for path in (tiny_model_dir, tiny_word_model_dir):
-        rr = Reranker.from_pretrained(path, device="cpu")
-        facts = _tokenizer_facts(path)
-        tok = rr.tokenizer
-        assert tok.is_fast
-        assert tok.backend_tokenizer.to_str() == facts["backend"]
-        assert (tok.all_special_ids, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == facts["special"]
-        assert (tok.padding_side, tok.model_max_length, len(tok)) == facts["settings"]
-
-    # A broken tokenizer still fails the load with the tokenizer's own error (raised from the
-    # worker thread), as it did when the tokenizer was read first.
-    broken = tmp_path / "broken-tokenizer"
-    shutil.copytree(tiny_word_model_dir, broken)
-    (broken / "tokenizer.json").write_text("{not json")
-    with pytest.raises(Exception, match=r"line 1 column 2"):  # the Rust JSON parser's message
-        Reranker.from_pretrained(broken, device="cpu")
-
-
 # ------------------------------------------------------------------ hubs, at their boundary
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import weakref
@@ -104,43 +103,6 @@ class _EncodedGroup:
 
     def document_tokens(self, i: int) -> int:
         return sum(len(self.prefix) + len(tail) for tail, _ in self.documents[i])
-
-
-def _load_tokenizer_and_model(path: Path, load_kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """The checkpoint's tokenizer and causal LM, the tokenizer read in a worker thread meanwhile.
-
-    Parsing ``tokenizer.json`` (18.6 MB for Qwen3's vocabulary) is Rust work that releases the
-    GIL, and importing transformers' Qwen3 modeling code (the bulk of a small model's load) is
-    Python work that holds it, so on two or more cores the tokenizer comes for free. The
-    modules the tokenizer needs (config and tokenizer classes) are imported here first, so the
-    two threads never import the same module at once. Same objects as loading one after the other.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    AutoConfig.from_pretrained(path)  # imports the config class, which the tokenizer loading reads too
-    tokenizer_class = _tokenizer_class_name(path)
-    if tokenizer_class is not None:
-        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-        tokenizer_class_from_name(tokenizer_class)  # imports its module (None if unknown: same as before)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3-rerank-tokenizer") as pool:
-        pending = pool.submit(AutoTokenizer.from_pretrained, path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-        finally:
-            tokenizer = pending.result()  # its error first: a missing tokenizer is the clearer message
-    return tokenizer, model
-
-
-def _tokenizer_class_name(path: Path) -> str | None:
-    try:
-        with open(path / "tokenizer_config.json", encoding="utf-8") as fh:
-            name = json.load(fh).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) else None
 
 
 class Reranker(BaseReranker):
@@ -264,6 +226,8 @@ class Reranker(BaseReranker):
             ValueError: The directory is not a Qwen3 causal LM, or a setting is invalid.
             RuntimeError: The requested device is not available.
         """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         checked = RerankerSettings.from_kwargs(**settings)  # before minutes of loading
         score_cache = ScoreCache.build(cache, cache_url)
         torch_device = resolve_device(device)
@@ -274,10 +238,11 @@ class Reranker(BaseReranker):
         validate_model_dir(path)
         name = Path(os.fspath(model_name_or_path)).name if used not in ("local", "demo") else path.name
 
+        tokenizer = AutoTokenizer.from_pretrained(path)
         load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
-        tokenizer, model = _load_tokenizer_and_model(path, load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
         if model.__class__.__name__ != "Qwen3ForCausalLM":
             raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
         model.to(torch_device)
