@@ -59,7 +59,7 @@ def test_no_import_cycles_lazy_imports_included():
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = [*path[path.index(nxt):], nxt]
+                cycle = [*path[path.index(nxt) :], nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -103,3 +103,92 @@ def test_lower_layers_never_import_upper_ones():
     for name in lower:
         imported = {m.split(".")[1] for m in graph[f"qwen3_rerank_plugins.{name}"] if m.count(".") >= 1}
         assert not imported & upper, f"{name} imports {imported & upper}"
+
+
+# -- what a command imports ------------------------------------------------------------------------
+
+#: Runs the CLI in-process for each argument list (``;``-separated on argv) and prints, as JSON, the
+#: top-level packages then loaded and the transformers model families among them.
+_RUN_CLI = """
+import json, runpy, sys
+for argv in sys.argv[1].split(";"):
+    sys.argv = ["qwen3-rerank", *argv.split()]
+    try:
+        runpy.run_module("qwen3_rerank_plugins", run_name="__main__")
+    except SystemExit:
+        pass
+models = [m.split(".") for m in sys.modules if m.startswith("transformers.models.")]
+print(json.dumps({
+    "top": sorted({m.split(".")[0] for m in sys.modules}),
+    "families": sorted({parts[2] for parts in models if len(parts) >= 3}),
+}))
+"""
+
+#: Nothing a model run needs; any of them in a ``rank`` run is start-up time wasted.
+_SERVING_AND_OPTIONAL = {
+    "fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client", "gradio", "redis", "ray",
+    "modelscope", "langchain_core", "langchain", "langchain_classic", "llama_index", "matplotlib",
+    "pandas", "sklearn", "datasets", "torchvision", "torchaudio", "accelerate", "cohere", "django",
+}  # fmt: skip
+
+
+def _loaded_by(commands: list[list[str]], **env: str) -> dict:
+    import json
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, ";".join(" ".join(c) for c in commands)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_usage_errors_load_no_framework():
+    # --help of every command, a usage error and a torch-free command answer at once: no torch,
+    # transformers, numpy or server stack is imported for them.
+    commands = [
+        ["--help"],
+        ["--version"],
+        ["rank"],
+        ["templates"],
+        ["rank", "--demo", "--model", "m", "-q", "q"],
+    ]
+    commands += [
+        [name, "--help"] for name in ("rank", "batch", "serve", "ui", "evaluate", "check", "templates")
+    ]
+    loaded = set(_loaded_by(commands)["top"])
+    heavy = {
+        "torch",
+        "transformers",
+        "numpy",
+        "tokenizers",
+        "huggingface_hub",
+        "safetensors",
+        "tqdm",
+        "httpx",
+    }
+    assert not loaded & (heavy | _SERVING_AND_OPTIONAL), sorted(loaded & (heavy | _SERVING_AND_OPTIONAL))
+
+
+def test_demo_rank_imports_only_what_scoring_needs(tiny_model_dir, tmp_path):
+    # A `rank --demo` run imports torch and transformers' Qwen3 code, nothing of the server, the
+    # page, the adapters or the hubs' clients, and no other model family's code (an auto class
+    # that walked the model mapping would import dozens).
+    import json
+    import shutil
+
+    target = tmp_path / "random-qwen3-reranker-tiny"
+    shutil.copytree(tiny_model_dir, target)
+    (target / ".complete").write_text(json.dumps({"size": "tiny", "random_weights": True}))
+    docs = tmp_path / "docs.txt"
+    docs.write_text("doc one\ndoc two\n", encoding="utf-8")
+    loaded = _loaded_by(
+        [["rank", "--demo", "-q", "q", "--docs", str(docs), "--quiet"]], QWEN3_RERANK_DEMO_CACHE=str(tmp_path)
+    )
+    assert {"torch", "transformers"} <= set(loaded["top"])
+    assert not set(loaded["top"]) & _SERVING_AND_OPTIONAL, sorted(set(loaded["top"]) & _SERVING_AND_OPTIONAL)
+    assert "qwen3" in loaded["families"] and len(loaded["families"]) <= 4, loaded["families"]
