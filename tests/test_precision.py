@@ -120,6 +120,8 @@ def test_auto_keeps_float32_on_the_measured_avx512_bf16_epyc():
     # Measured there: bf16 and int8 faster, but neither within Spearman >= 0.99 on every workload.
     zen4 = cpu_features(ZEN4_EPYC, "AVX512")
     assert CPU_AUTO_MEASUREMENTS["bfloat16"][zen4.name].speedup > 1
+    int8 = CPU_AUTO_MEASUREMENTS["int8"][zen4.name]
+    assert int8.speedup >= 1.6 and not int8.agrees  # fast enough, but W3's Spearman is 0.80
     assert auto_cpu_precision(zen4) == "float32"
     assert resolve_dtype("auto", CPU) == torch.float32
 
@@ -215,6 +217,29 @@ def test_int8_keeps_prefix_reuse_and_cross_query_batching(int8: Reranker):
     # reuse only float rounding differs (measured: 5e-7).
     assert merged[0].logits == pytest.approx(alone, abs=1e-5)
     assert no_reuse == pytest.approx(alone, abs=1e-4)
+
+
+def test_an_int8_score_does_not_depend_on_its_batch_mates(int8: Reranker):
+    docs = [d for d in FAQ_DOCS if d.strip()]
+    together = int8.score(FAQ_QUERY, docs, return_logits=True)
+    alone = [int8.score(FAQ_QUERY, [d], return_logits=True)[0] for d in docs]
+    reversed_order = int8.score(FAQ_QUERY, docs[::-1], return_logits=True)[::-1]
+    # Scales are per token and the int8 product accumulates exactly in int32, so a document's
+    # score is the same alone, among others, or in another order (float32 attention and padding
+    # leave at most rounding noise).
+    assert together == pytest.approx(alone, abs=1e-6)
+    assert together == pytest.approx(reversed_order, abs=1e-6)
+
+
+def test_int8_can_keep_named_layers_in_float32(tiny_model_dir: Path):
+    from qwen3_rerank_plugins.backend import quantize_int8
+
+    rr = Reranker.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    quantize_int8(rr._core, keep_float=("*.down_proj",))
+    kept = {n for n, m in rr._core.backbone.named_modules() if type(m) is torch.nn.Linear}
+    quantized = {n for n, m in rr._core.backbone.named_modules() if isinstance(m, Int8Linear)}
+    assert kept and all(n.endswith(".down_proj") for n in kept)
+    assert quantized and not any(n.endswith(".down_proj") for n in quantized)
 
 
 def test_int8_linear_quantizes_each_token_on_its_own_scale():

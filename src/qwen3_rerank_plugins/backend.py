@@ -24,8 +24,9 @@ import inspect
 import logging
 import threading
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -449,10 +450,12 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        quantized = torch.round(rows / scale).clamp_(-127, 127)
-        out = torch._int_mm(quantized.to(torch.int8), self.weight_t).float()
-        out = out.mul_(scale).mul_(self.weight_scale)
+        amax = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+        # Each row times 127 / its largest magnitude lies within [-127, 127]: rounding in place
+        # needs no clamp, and the row's scale is amax / 127.
+        quantized = rows.mul(127.0 / amax).round_().to(torch.int8)
+        out = torch._int_mm(quantized, self.weight_t)
+        out = torch.mul(out, amax.div_(127.0)).mul_(self.weight_scale)
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -464,7 +467,7 @@ class Int8Linear(torch.nn.Module):
         )
 
 
-def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
+def quantize_int8(model: ScoringModel, *, vnni: bool = True, keep_float: Sequence[str] = ()) -> None:
     """Quantize the backbone's linear layers to int8, in place (CPU only).
 
     Every ``nn.Linear`` of the backbone becomes an :class:`Int8Linear`: weights int8 per output
@@ -481,6 +484,8 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
         model: A float32 model on CPU.
         vnni: Whether the CPU has int8 dot-product instructions (VNNI/AMX); without them the
             weights use 6 bits and a sign so AVX2's 16-bit intermediate sums cannot saturate.
+        keep_float: ``fnmatch`` patterns of backbone module names whose linear layers stay float32
+            (for example ``"*.down_proj"`` or ``"layers.0.*"``); none by default.
 
     Raises:
         ValueError: The model is not float32 on CPU.
@@ -498,9 +503,10 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True) -> None:
         )
     weight_max = 127 if vnni else 63
     with torch.no_grad():
-        for module in list(model.backbone.modules()):
+        for prefix, module in list(model.backbone.named_modules()):
             for name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear:
+                qualified = f"{prefix}.{name}" if prefix else name
+                if type(child) is torch.nn.Linear and not any(fnmatch(qualified, p) for p in keep_float):
                     setattr(module, name, Int8Linear(child, weight_max))
     model.quantization = "int8"
     logger.info("%s: linear layers in int8 (per-channel weights, per-token activations)", model.name)
