@@ -137,7 +137,9 @@ class Service:
     def __init__(self, model: str, device: str, cache_size: int, threads: int | None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="qwen3-rerank-cache-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(
+            "w+", prefix="qwen3-rerank-cache-", suffix=".log", delete=False
+        )  # noqa: SIM115
         command = [
             sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", model, "--device", device,
             "--port", str(self.port), "--no-access-log", "--cache-size", str(cache_size),
@@ -215,7 +217,9 @@ def main() -> int:
             asyncio.run(replay(s.url, warm, 1))
         for r in range(args.rounds):
             traces = {
-                "repeating": faq_trace(args.requests, args.docs, args.repeat_rate, f"r{r}", r, 2 * args.clients),
+                "repeating": faq_trace(
+                    args.requests, args.docs, args.repeat_rate, f"r{r}", r, 2 * args.clients
+                ),
                 "all-miss": faq_trace(args.requests, args.docs, 0.0, f"m{r}", 100 + r, 1),
             }
             order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
@@ -234,7 +238,9 @@ def main() -> int:
                     if name == "on" and trace_name == "repeating":
                         after = _metrics(services[name].url)
                         hits += sum(
-                            after[k] - before.get(k, 0.0) for k in after if k.startswith("qwen3_rerank_cache_hits_total")
+                            after[k] - before.get(k, 0.0)
+                            for k in after
+                            if k.startswith("qwen3_rerank_cache_hits_total")
                         )
                         misses += after["qwen3_rerank_cache_misses_total"] - before.get(
                             "qwen3_rerank_cache_misses_total", 0.0
@@ -255,7 +261,9 @@ def main() -> int:
         f"repeating trace: {args.repeat_rate:.0%} of requests repeat an earlier one exactly; "
         f"best of {args.rounds} alternating rounds, new texts every round\n"
     )
-    print("| trace | cache | pairs/s | p50 ms | p95 ms | engine busy | engine s | engine calls | requests/call |")
+    print(
+        "| trace | cache | pairs/s | p50 ms | p95 ms | engine busy | engine s | engine calls | requests/call |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for trace_name in ("repeating", "all-miss"):
         for name in ("off", "on"):
