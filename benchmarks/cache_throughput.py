@@ -137,9 +137,9 @@ class Service:
     def __init__(self, model: str, device: str, cache_size: int, threads: int | None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             "w+", prefix="qwen3-rerank-cache-", suffix=".log", delete=False
-        )  # noqa: SIM115
+        )
         command = [
             sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", model, "--device", device,
             "--port", str(self.port), "--no-access-log", "--cache-size", str(cache_size),
@@ -254,15 +254,18 @@ def main() -> int:
     on = info["on"]
     print(
         f"service: {on['model']} on {on['device']} ({on['dtype']}), python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, torch CPU capability {capability}, torch threads: {args.threads or 'default'}"
+        f"{os.cpu_count()} CPUs, torch CPU capability {capability}, "
+        f"torch threads: {args.threads or 'default'}"
     )
     print(
-        f"traces: {args.requests} requests x {args.docs} FAQ entries, {args.clients} concurrent clients; "
+        f"traces: {args.requests} requests x {args.docs} FAQ entries, "
+        f"{args.clients} concurrent clients; "
         f"repeating trace: {args.repeat_rate:.0%} of requests repeat an earlier one exactly; "
         f"best of {args.rounds} alternating rounds, new texts every round\n"
     )
     print(
-        "| trace | cache | pairs/s | p50 ms | p95 ms | engine busy | engine s | engine calls | requests/call |"
+        "| trace | cache | pairs/s | p50 ms | p95 ms | engine busy | engine s | engine calls "
+        "| requests/call |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for trace_name in ("repeating", "all-miss"):
@@ -270,7 +273,8 @@ def main() -> int:
             p = best[(trace_name, name)]
             per_call = p.merged_requests / p.engine_calls if p.engine_calls else float("nan")
             print(
-                f"| {trace_name} | {name} | {p.pairs_per_s:.2f} | {p.percentile(0.5):.0f} | {p.percentile(0.95):.0f} "
+                f"| {trace_name} | {name} | {p.pairs_per_s:.2f} | {p.percentile(0.5):.0f} "
+                f"| {p.percentile(0.95):.0f} "
                 f"| {p.engine_seconds / p.seconds:.0%} | {p.engine_seconds:.1f} | {p.engine_calls:.0f} "
                 f"| {per_call:.2f} |"
             )
