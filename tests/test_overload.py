@@ -359,9 +359,11 @@ def test_a_fully_cached_request_is_answered_at_once_while_new_work_is_refused(re
         took = time.monotonic() - started
         new = httpx.post(url, json={"query": "退货", "documents": [*DOCS, "新的问题"]}, timeout=30)
         thread.join(timeout=60)
+        answered = _metrics(server.url)[("qwen3_rerank_requests_answered_from_cache_total", ())]
     check_exact_answer(first, expected)
     check_exact_answer(again, expected)
     usage = again.json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] > 0
     assert took < 0.5, f"a fully cached request waited {took:.2f} s behind other work"
     _check_refusal(new, "overloaded")  # one miss: it is work, and the queue is past the limit
+    assert answered == 1

@@ -328,8 +328,11 @@ def test_ray_replicas_apply_the_overload_policy(ray_url: str, reranker: Reranker
         assert ready.status_code == 200, ready.text
         assert ready.json()["ready"] is True and ready.json()["max_queue_wait_s"] == 10.0
         assert {"estimated_wait_s", "estimate_margin_s", "queue"} <= set(ready.json())
+        # New documents: a request the score cache holds whole is answered before any load check.
         late = http.post(
-            "/v1/rerank", json={"query": QUERY, "documents": DOCS}, headers={"X-Request-Timeout": "0.000001"}
+            "/v1/rerank",
+            json={"query": QUERY, "documents": [*DOCS, "deadline"]},
+            headers={"X-Request-Timeout": "0.000001"},
         )
         assert late.status_code == 503, late.text
         assert late.json()["error"]["type"] == "deadline_exceeded"

@@ -44,6 +44,8 @@ class ServiceMetrics:
             ``max_queue_wait``: how much later than estimated the latest requests started.
         queue_wait: ``queue_wait_seconds`` how long each scored request waited in the queue
             before its scoring started.
+        answered_from_cache: ``requests_answered_from_cache_total`` scoring requests the score
+            cache held whole, answered at admission without queueing or an engine call.
         throughput: ``throughput_tokens_per_second`` moving average of prompt tokens scored
             per second (what the estimate divides by; NaN until measured).
         model_loaded: ``model_loaded`` 1 once the model is ready.
@@ -103,6 +105,11 @@ class ServiceMetrics:
             "qwen3_rerank_queue_wait_seconds",
             "Time a scored request waited in the queue before its scoring started",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.answered_from_cache = Counter(
+            "qwen3_rerank_requests_answered_from_cache",
+            "Scoring requests the score cache held whole, answered at admission (never queued)",
             registry=r,
         )
         self.throughput = Gauge(

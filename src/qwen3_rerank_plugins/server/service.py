@@ -305,6 +305,7 @@ class RerankService:
         if self.reranker.cache is not None and group.cache:
             cached = await asyncio.to_thread(self.reranker.cached_scores, group)
             if cached is not None:
+                self.metrics.answered_from_cache.inc()
                 return Admission(
                     answer=ScoredRequest(cached.logits, cached.tokens, cached.spans, cached.cached_tokens)
                 )
