@@ -449,3 +449,12 @@ async def test_async_reranking_on_a_remote_service_does_not_block_the_event_loop
         assert [n.node.node_id for n in got] == [f"T-{r.index}" for r in expected]
         assert [n.score for n in got] == pytest.approx([r.score for r in expected], abs=1e-6)
     assert postprocessor.engine.model_name == reranker.model_name  # learned from the answers
+
+
+def test_a_cache_url_with_a_password_stays_out_of_repr_and_serialisation(tiny_model_dir) -> None:
+    from qwen3_rerank_plugins.langchain import Qwen3RerankCompressor
+
+    url = "redis://:s3cret-pass@127.0.0.1:1/0"  # nothing listens there: the tier is skipped
+    compressor = Qwen3RerankCompressor(model=str(tiny_model_dir), device="cpu", cache=10, cache_url=url)
+    assert "s3cret-pass" not in repr(compressor)
+    assert "s3cret-pass" not in str(compressor.model_dump())

@@ -608,3 +608,15 @@ def test_two_service_processes_share_one_redis(tiny_model_dir, redis_server, tmp
     log = services[0].log_path.read_text()
     failures = [line for line in log.splitlines() if "Redis score cache at" in line and "failed" in line]
     assert len(failures) == 1, log  # logged once
+
+
+def test_an_all_or_nothing_miss_leaves_redis_hits_to_the_lookup_that_follows(reranker, redis_server):
+    first = reranker.with_cache(ScoreCache(100, url=redis_server.url, ttl=3600))
+    first.score(FAQ_QUERY, FAQ_DOCS[:3])  # now in Redis
+    second = reranker.with_cache(ScoreCache(100, url=redis_server.url, ttl=3600))  # empty memory tier
+    assert second.cached_scores(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS[:3], "新的问题"])) is None
+    stats = second.cache.stats()
+    assert stats["hits"] == {"memory": 0, "redis": 0} and stats["misses"] == 0
+    assert len(second.cache.memory) == 0  # nothing copied by the lookup that missed
+    second.score(FAQ_QUERY, [*FAQ_DOCS[:3], "新的问题"])
+    assert second.cache.stats()["hits"]["redis"] == 3  # counted once, by the lookup that scored

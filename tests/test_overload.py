@@ -367,3 +367,43 @@ def test_a_fully_cached_request_is_answered_at_once_while_new_work_is_refused(re
     assert took < 0.5, f"a fully cached request waited {took:.2f} s behind other work"
     _check_refusal(new, "overloaded")  # one miss: it is work, and the queue is past the limit
     assert answered == 1
+
+
+def test_a_burst_on_an_idle_service_is_estimated_as_a_whole_and_light_load_after_it_is_admitted(
+    reranker: Reranker,
+) -> None:
+    """Requests admitted together each count the others' work (their tokens are counted before
+    the estimate, and nothing awaits between the estimate and the queue), so a burst does not
+    teach the headroom a limit-sized error that would then refuse light load for a minute."""
+    slow = reranker.with_settings(max_batch_size=len(DOCS))
+    app = create_app(slow, max_queue_wait=2.0, max_batch_pairs=len(DOCS), batch_wait_ms=0, cache_size=0)
+    with paced(reranker, 0.04), ServerThread(app) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for _ in range(2):  # a measured speed
+                assert http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+        bodies = [{"query": f"{QUERY} {i}", "documents": DOCS} for i in range(40)]
+        burst = asyncio.run(_open_loop(server.url, bodies, rate=1000.0))
+        after = [
+            response.status_code for response, _ in asyncio.run(_open_loop(server.url, bodies[:10], rate=4.0))
+        ]
+        ready = httpx.get(f"{server.url}/ready", timeout=30).json()
+        dropped = _refusals(_metrics(server.url), "waited_too_long")
+    statuses = [response.status_code for response, _ in burst]
+    assert set(statuses) <= {200, 503} and 200 in statuses
+    assert dropped <= 2, f"{dropped} burst requests were admitted, then dropped at the limit"
+    assert after == [200] * 10, after
+    assert ready["estimate_margin_s"] <= 1.0  # never more than half the limit
+
+
+def test_the_headroom_never_takes_more_than_half_the_limit(reranker: Reranker) -> None:
+    from qwen3_rerank_plugins.server import service as serving
+    from qwen3_rerank_plugins.server.batcher import MicroBatcher
+
+    batcher = MicroBatcher(reranker)
+    batcher._errors.append((time.monotonic(), 30.0))  # one very wrong estimate
+    batcher._running_since = time.monotonic()  # busy: the headroom applies
+    assert batcher.estimate_margin() == 30.0
+    assert serving._planned_wait(batcher, 1.0, 3.0) == 2.5
+    assert serving._planned_wait(batcher, 1.0, None) == 31.0
+    batcher._running_since = None  # idle: nothing ahead to misjudge
+    assert serving._planned_wait(batcher, 0.0, 3.0) == 0.0

@@ -180,6 +180,20 @@ def test_the_librarys_fallback_is_one_span_with_its_outcome(
     assert span.attributes["qwen3_rerank.fallback.needs_review"] is outcome.needs_review
 
 
+def test_a_retried_fallback_span_counts_the_tokens_of_both_attempts(
+    reranker: Reranker, spans: InMemorySpanExporter
+) -> None:
+    from qwen3_rerank_plugins.results import ConfidenceBands
+
+    unsure = reranker.with_settings(bands=ConfidenceBands(high=1.0, medium=1.0))  # every score is low
+    query = "朝阳区建国路88号电梯昨晚又坏了，怎么报修"
+    outcome = unsure.rerank_with_fallback(query, DOCS)
+    assert outcome.retry is not None
+    (span,) = _rerank_spans(spans)
+    both = unsure.count_tokens(query, DOCS) + unsure.count_tokens(outcome.retry.query, DOCS)
+    assert span.attributes["gen_ai.usage.input_tokens"] == both
+
+
 def test_a_merged_engine_call_links_to_every_request_in_it(
     reranker: Reranker, spans: InMemorySpanExporter
 ) -> None:

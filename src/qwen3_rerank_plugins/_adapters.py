@@ -107,9 +107,10 @@ class EngineSettings(BaseModel):
     so a repeated (query, document) pair is answered without the model; ``None`` or ``0``: off.
     Adapters with the same model, settings and cache share one cache. Not with ``base_url``
     (the service caches) or ``reranker=`` (use ``reranker.with_cache(n)``)."""
-    cache_url: str | None = None
+    cache_url: str | None = Field(default=None, exclude=True, repr=False)
     """``redis://HOST:PORT/DB``: a score-cache tier shared by every process (needs the
-    ``[cache]`` extra); only hashes and scores are stored there, never text."""
+    ``[cache]`` extra); only hashes and scores are stored there, never text. Like ``api_key``,
+    it is left out of the adapter's repr and serialisation (it may carry a password)."""
 
     _engine: Scorer = PrivateAttr()
 

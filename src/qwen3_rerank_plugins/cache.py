@@ -408,15 +408,15 @@ class ScoreCache:
         if self.memory is not None:
             found = self.memory.get_many(wanted)
             from_memory = len(found)
+        shared: dict[bytes, CachedScore] = {}
         if self.redis is not None and len(found) < len(wanted):
-            rest = [k for k in wanted if k not in found]
-            shared = self.redis.get_many(rest)
+            shared = self.redis.get_many([k for k in wanted if k not in found])
             from_redis = len(shared)
-            if shared and self.memory is not None:
-                self.memory.put_many(shared)
             found.update(shared)
         if all_or_nothing and len(found) < len(wanted):
-            return {}
+            return {}  # nothing counted, nothing copied: the caller's next lookup does both
+        if shared and self.memory is not None:
+            self.memory.put_many(shared)
         self._counters.add("hits.memory", from_memory)
         self._counters.add("hits.redis", from_redis)
         self._counters.add("misses", len(wanted) - len(found))

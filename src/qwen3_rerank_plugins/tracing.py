@@ -72,6 +72,8 @@ class RerankSpan:
 
     def __init__(self, span: Any = None) -> None:
         self.span = span
+        self._input_tokens: int | None = None
+        self._cached_tokens = 0
 
     def set(self, key: str, value: Any) -> None:
         """Set one attribute (``None`` values are skipped)."""
@@ -86,13 +88,17 @@ class RerankSpan:
     def scored(self, results: Sequence[Any], *, cache: bool = False) -> None:
         """The backend's results: prompt tokens read, when the backend counts them, and (with a
         score cache, ``cache=True``) how many of them were answered from it
-        (``gen_ai.usage.cache_read.input_tokens``, included in ``gen_ai.usage.input_tokens``)."""
+        (``gen_ai.usage.cache_read.input_tokens``, included in ``gen_ai.usage.input_tokens``).
+
+        Several calls in one span (a fallback's first attempt and its retry) add up."""
         tokens = [r.tokens for r in results if getattr(r, "tokens", None) is not None]
         if tokens:
-            self.set("gen_ai.usage.input_tokens", int(sum(tokens)))
+            self._input_tokens = (self._input_tokens or 0) + int(sum(tokens))
+            self.set("gen_ai.usage.input_tokens", self._input_tokens)
         cached = sum(int(getattr(r, "cached_tokens", 0) or 0) for r in results)
-        if cache or cached:
-            self.set("gen_ai.usage.cache_read.input_tokens", cached)
+        self._cached_tokens += cached
+        if cache or self._cached_tokens:
+            self.set("gen_ai.usage.cache_read.input_tokens", self._cached_tokens)
 
     def fallback(self, outcome: Any) -> None:
         """A low-confidence fallback's outcome (a :class:`~qwen3_rerank_plugins.fallback.FallbackRerank`):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
-from ..protocol import LocalScorer, ScoreGroup, Scorer, precision_name
+from ..protocol import GroupScores, LocalScorer, ScoreGroup, Scorer, precision_name
 from ..server_defaults import REQUEST_TIMEOUT_HEADER, ServiceConfig
 from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest, WaitedTooLongError
@@ -55,6 +55,7 @@ class Admission(NamedTuple):
     batcher: MicroBatcher | None = None
     wait: float | None = None
     answer: ScoredRequest | None = None
+    cost: float = 0.0  # its prompt tokens
 
 
 class RerankService:
@@ -212,7 +213,7 @@ class RerankService:
             status, body, headers = self.health()
             return status, {"ready": False, "reason": body["status"]}, headers
         wait = batcher.estimated_wait()
-        margin = 0.0 if wait is None else _planned_wait(batcher, wait) - wait
+        margin = 0.0 if wait is None else _planned_wait(batcher, wait, limit) - wait
         body: dict[str, Any] = {
             "ready": True,
             "queue": batcher.pending,
@@ -302,13 +303,14 @@ class RerankService:
             )
         if self.config.max_request_tokens is not None:
             await _check_token_budget(self.reranker, group, self.config.max_request_tokens)
-        if self.reranker.cache is not None and group.cache:
-            cached = await asyncio.to_thread(self.reranker.cached_scores, group)
-            if cached is not None:
-                self.metrics.answered_from_cache.inc()
-                return Admission(
-                    answer=ScoredRequest(cached.logits, cached.tokens, cached.spans, cached.cached_tokens)
-                )
+        # Counted before the estimate below, with no await between that estimate and the
+        # request joining the queue: requests admitted together each count the others' work.
+        cost, cached = await asyncio.to_thread(_cost_or_cached, self.reranker, group)
+        if cached is not None:
+            self.metrics.answered_from_cache.inc()
+            return Admission(
+                answer=ScoredRequest(cached.logits, cached.tokens, cached.spans, cached.cached_tokens)
+            )
         if batcher.pending >= batcher.max_queue:
             self.metrics.refusals.labels("queue_full").inc()
             raise _overloaded(f"{batcher.pending} requests are already waiting to be scored")
@@ -317,8 +319,8 @@ class RerankService:
             raise self._refuse_deadline("its deadline (X-Request-Timeout) passed before it was admitted", 0.0)
         wait = batcher.estimated_wait()
         if wait is None:
-            return Admission(batcher)
-        planned = _planned_wait(batcher, wait)
+            return Admission(batcher, cost=cost)
+        planned = _planned_wait(batcher, wait, self.config.max_queue_wait)
         limit = self.config.max_queue_wait
         if limit is not None and planned > limit:
             self.metrics.refusals.labels("estimated_wait").inc()
@@ -332,7 +334,7 @@ class RerankService:
                 "(X-Request-Timeout)",
                 now + planned - deadline,
             )
-        return Admission(batcher, wait)
+        return Admission(batcher, wait, cost=cost)
 
     def _refuse_deadline(self, reason: str, late: float) -> RequestError:
         self.metrics.refusals.labels("deadline").inc()
@@ -342,14 +344,6 @@ class RerankService:
             type="deadline_exceeded",
             headers={"Retry-After": _retry_after(late)},
         )
-
-    async def _cost(self, group: ScoreGroup) -> float:
-        """The group's prompt tokens: what admission by time counts (counted in a thread)."""
-        reranker, limits = self.reranker, _limits(group)
-        tokens = await asyncio.to_thread(
-            reranker.count_tokens, group.query, list(group.texts), group.instruction, **limits
-        )
-        return float(tokens)
 
     async def score(self, group: ScoreGroup, *, deadline: float | None = None) -> ScoredRequest:
         """Admit one group, queue it, and return its scores; engine errors become HTTP errors.
@@ -374,10 +368,11 @@ class RerankService:
             start_by, reason = deadline, "deadline"
             if limit is not None and (deadline is None or time.monotonic() + limit < deadline):
                 start_by, reason = time.monotonic() + limit, "waited_too_long"
-            # Every request's tokens are counted, deadline or not: they are the work queued
-            # ahead of the next one, and what the throughput is measured in.
-            cost = await self._cost(group)
-            return await batcher.submit(group, cost=cost, start_by=start_by, reason=reason, estimate=wait)
+            # Every request's tokens are counted (by admit), deadline or not: they are the work
+            # queued ahead of the next one, and what the throughput is measured in.
+            return await batcher.submit(
+                group, cost=admission.cost, start_by=start_by, reason=reason, estimate=wait
+            )
         except RequestError:
             raise
         except QueueFullError as exc:
@@ -413,11 +408,32 @@ class RerankService:
             ) from exc
 
 
-def _planned_wait(batcher: MicroBatcher, wait: float) -> float:
-    """The wait admission plans with: the estimate plus the headroom of recent estimate errors,
-    except when the batcher is idle (nothing ahead of the request, nothing to misjudge), so a
-    quiet service always admits, and its errors age out."""
-    return wait if batcher.idle else wait + batcher.estimate_margin()
+#: Most of ``max_queue_wait`` the headroom for estimate errors may take: however wrong recent
+#: estimates were, a request estimated to wait under this share of the limit is admitted.
+MAX_MARGIN_SHARE = 0.5
+
+
+def _planned_wait(batcher: MicroBatcher, wait: float, limit: float | None) -> float:
+    """The wait admission plans with: the estimate plus the headroom of recent estimate errors
+    (at most ``MAX_MARGIN_SHARE`` of the limit), except when the batcher is idle (nothing ahead
+    of the request, nothing to misjudge), so a quiet service always admits."""
+    if batcher.idle:
+        return wait
+    margin = batcher.estimate_margin()
+    if limit is not None:
+        margin = min(margin, MAX_MARGIN_SHARE * limit)
+    return wait + margin
+
+
+def _cost_or_cached(reranker: Any, group: ScoreGroup) -> tuple[float, GroupScores | None]:
+    """Runs in a worker thread: the group's prompt tokens (what admission by time counts), or
+    its whole answer when the score cache holds every pair of it."""
+    if reranker.cache is not None and group.cache:
+        cached = reranker.cached_scores(group)
+        if cached is not None:
+            return float(cached.tokens), cached
+    tokens = reranker.count_tokens(group.query, list(group.texts), group.instruction, **_limits(group))
+    return float(tokens), None
 
 
 def _wait_text(wait: float, planned: float) -> str:
