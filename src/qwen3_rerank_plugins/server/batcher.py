@@ -95,8 +95,12 @@ THROUGHPUT_SMOOTHING = 0.5
 
 #: How many of the latest admitted requests' estimate errors :meth:`MicroBatcher.estimate_margin`
 #: reads, and how old (seconds) the oldest of them may be.
-ERROR_WINDOW = 32
+ERROR_WINDOW = 64
 ERROR_MAX_AGE_S = 60.0
+#: The headroom is this much more than the worst recent shortfall: the next request's may be
+#: worse than the worst of the last few dozen (about one in ``ERROR_WINDOW`` would be, were the
+#: errors alike), and a request admitted past it waits the whole limit before it is dropped.
+MARGIN_FACTOR = 1.25
 
 
 #: Called after each engine call with (requests merged, pairs scored, seconds in the engine).
@@ -199,9 +203,10 @@ class MicroBatcher:
         return remaining + self._queued_cost / speed
 
     def estimate_margin(self) -> float:
-        """How much later than estimated the latest requests started, in seconds: the largest
-        shortfall of :meth:`estimated_wait` over the last ``ERROR_WINDOW`` requests admitted on
-        an estimate within the last ``ERROR_MAX_AGE_S`` seconds (0 when none was late).
+        """Headroom for how much later than estimated requests start, in seconds:
+        ``MARGIN_FACTOR`` times the largest shortfall of :meth:`estimated_wait` over the last
+        ``ERROR_WINDOW`` requests admitted on an estimate within the last ``ERROR_MAX_AGE_S``
+        seconds (0 when none was late).
 
         Admission keeps this much headroom under its limit, so that a request admitted on an
         estimate near the limit is seldom dropped at the limit after waiting for it: an
@@ -210,7 +215,8 @@ class MicroBatcher:
         age out, so one slow moment does not narrow admission for longer than a minute.
         """
         oldest = time.monotonic() - ERROR_MAX_AGE_S
-        return max((late for when, late in self._errors if when >= oldest and late > 0), default=0.0)
+        worst = max((late for when, late in self._errors if when >= oldest and late > 0), default=0.0)
+        return MARGIN_FACTOR * worst
 
     @property
     def idle(self) -> bool:
