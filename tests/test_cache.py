@@ -216,6 +216,10 @@ def test_cached_scores_answers_a_fully_cached_group_and_counts_nothing_otherwise
     assert stats["pairs_saved"] - before["pairs_saved"] == len(FAQ_DOCS)
     with pytest.raises(ValueError, match="max_doc_tokens"):
         cached.cached_scores(ScoreGroup(FAQ_QUERY, FAQ_DOCS, max_doc_tokens=-1))
+    # lookup: the tokens count_tokens gives, and the same answer, from one tokenisation.
+    more = [*FAQ_DOCS, "新的问题"]
+    assert cached.lookup(ScoreGroup(FAQ_QUERY, more)) == (reranker.count_tokens(FAQ_QUERY, more), None)
+    assert cached.lookup(group) == (computed.tokens, answer)
 
 
 # ------------------------------------------------------------------ the key

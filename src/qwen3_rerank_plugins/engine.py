@@ -387,29 +387,36 @@ class Reranker(BaseReranker):
         return self._encode(self._checked_groups([group])[0]).tokens
 
     def cached_scores(self, group: ScoreGroup) -> GroupScores | None:
-        """The group's scores when the score cache holds every one of its pairs, else ``None``.
+        """The group's scores when the score cache holds every one of its pairs, else ``None``
+        (the second half of :meth:`lookup`)."""
+        return self.lookup(group)[1]
 
-        Nothing is computed: what a service answers at once, without queueing work that costs
-        the model nothing. A group with any miss returns ``None`` and counts nothing in the
-        cache's statistics (its later scoring looks the pairs up again). The answer equals what
-        :meth:`score_groups` returns for the group, with every token reported as cached.
+    def lookup(self, group: ScoreGroup) -> tuple[int, GroupScores | None]:
+        """The group's prompt tokens (as :meth:`count_tokens` counts them), and its scores when
+        the score cache holds every one of its pairs (else ``None``), from one tokenisation.
+
+        Nothing is computed: what a service needs at admission, to answer at once work that
+        costs the model nothing and to count the rest. A group with any miss gets ``None`` and
+        counts nothing in the cache's statistics (its later scoring looks the pairs up again).
+        A cached answer equals what :meth:`score_groups` returns for the group, with every
+        token reported as cached.
 
         Raises:
             ValueError, TypeError: As :meth:`score_groups`, for a malformed group.
         """
+        encoded = self._encode(self._checked_groups([group])[0])
         cache = self._cache
         if cache is None or not group.cache:
-            return None
-        encoded = self._encode(self._checked_groups([group])[0])
+            return encoded.tokens, None
         keys = _pair_keys(self._cache_config(), encoded)
         found = cache.get_many(keys, all_or_nothing=True)
         if not found:
-            return None
+            return encoded.tokens, None
         hits = [found[key] for key in keys]
         cached_tokens = sum(encoded.document_tokens(d) for d in range(len(keys)))
         cache.count_saved(len(keys), cached_tokens)
         windowed = any(len(w) > 1 for w in encoded.documents)
-        return GroupScores(
+        return encoded.tokens, GroupScores(
             logits=[hit.logit for hit in hits],
             tokens=encoded.tokens,
             spans=[hit.span for hit in hits] if windowed else None,

@@ -556,7 +556,6 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-
 def _candidate_pools(
     dataset: EvalDataset, first_stage: str, ks: Sequence[int], candidates: int, seed: int
 ) -> tuple[tuple[int, ...], list[list[int]]]:
@@ -569,6 +568,7 @@ def _candidate_pools(
     if not checked:
         raise ValueError("ks must name at least one cut-off")
     return checked, _first_stage(dataset, first_stage, _check_k(candidates), seed)
+
 
 def _first_stage(dataset: EvalDataset, first_stage: str, candidates: int, seed: int) -> list[list[int]]:
     """Candidate indices per query, in first-stage order."""

@@ -426,14 +426,10 @@ def _planned_wait(batcher: MicroBatcher, wait: float, limit: float | None) -> fl
 
 
 def _cost_or_cached(reranker: Any, group: ScoreGroup) -> tuple[float, GroupScores | None]:
-    """Runs in a worker thread: the group's prompt tokens (what admission by time counts), or
-    its whole answer when the score cache holds every pair of it."""
-    if reranker.cache is not None and group.cache:
-        cached = reranker.cached_scores(group)
-        if cached is not None:
-            return float(cached.tokens), cached
-    tokens = reranker.count_tokens(group.query, list(group.texts), group.instruction, **_limits(group))
-    return float(tokens), None
+    """Runs in a worker thread: the group's prompt tokens (what admission by time counts), and
+    its whole answer when the score cache holds every pair of it (one tokenisation for both)."""
+    tokens, cached = reranker.lookup(group)
+    return float(tokens), cached
 
 
 def _wait_text(wait: float, planned: float) -> str:
