@@ -41,7 +41,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import _free_port, run_concurrent
+from service_throughput import _free_port, run_concurrent, serve_env, wait_until_healthy
 
 QUERIES = [
     "发票怎么开",
@@ -144,26 +143,15 @@ class Service:
             sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", model, "--device", device,
             "--port", str(self.port), "--no-access-log", "--cache-size", str(cache_size),
         ]  # fmt: skip
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        if threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=serve_env(threads)
+        )
 
     def wait_ready(self) -> dict:
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the service exited:\n{self.log.read()[-3000:]}")
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=10)
-                if health.status_code == 200:
-                    return health.json()
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the service did not become ready")
-            time.sleep(0.3)
+        health = wait_until_healthy(self.url, self.proc, self.log, poll_s=0.3)
+        if health is None:
+            raise RuntimeError("the service exited (its log is above)")
+        return health
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

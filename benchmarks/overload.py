@@ -53,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from service_throughput import PASSAGES, QUERIES, _free_port  # noqa: E402
+from service_throughput import PASSAGES, QUERIES, _free_port, serve_env, wait_until_healthy  # noqa: E402
 
 
 @dataclass
@@ -210,27 +210,12 @@ def main() -> int:
     if args.ray:
         cpus = str(os.cpu_count() or 1)
         command += ["--ray", "--replicas", "1", "--cpus-per-replica", cpus, "--gpus-per-replica", "0"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     print("service:", " ".join(command[1:]))
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=serve_env(args.threads))
     try:
+        if wait_until_healthy(url, server, log, timeout_s=600) is None:
+            return 1
         with httpx.Client(base_url=url, timeout=300) as client:
-            deadline = time.monotonic() + 600
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    print(log.read(), file=sys.stderr)
-                    return 1
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the service did not become ready")
-                time.sleep(0.2)
             client.post("/v1/rerank", json=_body(0, args.docs)).raise_for_status()  # warm-up
             singles = []
             for i in range(4):

@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -108,6 +109,41 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_env(threads: int | None) -> dict[str, str]:
+    """The environment a benchmarked ``qwen3-rerank serve`` runs in (``threads``: torch's threads)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def wait_until_healthy(
+    url: str, server: subprocess.Popen, log: Any, *, timeout_s: float = 900, poll_s: float = 0.2
+) -> dict | None:
+    """Poll ``url``'s ``/health`` until it answers 200 and return its body; ``None`` (after
+    printing the service's log) when the service process exited first.
+
+    Raises:
+        TimeoutError: Not ready within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while True:
+            if server.poll() is not None:
+                log.seek(0)
+                print(log.read(), file=sys.stderr)
+                return None
+            try:
+                health = client.get("/health")
+                if health.status_code == 200:
+                    return health.json()
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the service did not become ready")
+            time.sleep(poll_s)
 
 
 def _metrics(client: httpx.Client) -> dict[str, float]:
@@ -214,31 +250,15 @@ def main() -> int:
         sys.executable, "-m", "qwen3_rerank_plugins", "serve", "--model", model, "--device", args.device,
         "--port", str(port), "--no-access-log", "--batch-wait-ms", str(args.batch_wait_ms),
     ]  # fmt: skip
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=serve_env(args.threads))
     if args.pin:
         os.sched_setaffinity(server.pid, {0})
         os.sched_setaffinity(0, {1})
     try:
+        info = wait_until_healthy(url, server, log)
+        if info is None:
+            return 1
         with httpx.Client(base_url=url, timeout=300) as client:
-            deadline = time.monotonic() + 900
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    print(log.read(), file=sys.stderr)
-                    return 1
-                try:
-                    health = client.get("/health")
-                    if health.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the service did not become ready")
-                time.sleep(0.2)
-            info = health.json()
             requests = _requests(args.requests, args.docs)
             for body in requests[:5]:  # warm-up
                 _scores(client.post("/v1/rerank", json=body))
