@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwen3_rerank_plugins.client import RetryPolicy
 
@@ -212,3 +213,13 @@ def check_exact_answer(response: httpx.Response, expected: dict[int, float]) -> 
     assert got.keys() == expected.keys()
     for i, score in expected.items():
         assert got[i] == pytest.approx(score, abs=1e-5)
+
+
+def scrape_metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The service's ``/metrics`` as ``{(sample name, sorted labels): value}``."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -20,9 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerThread, check_exact_answer, expected_scores, wait_for
+from helpers import ServerThread, check_exact_answer, expected_scores, scrape_metrics, wait_for
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 from qwen3_rerank_plugins.server_defaults import DEFAULT_MAX_QUEUE_WAIT_S, ServiceConfig
@@ -50,15 +49,6 @@ def paced(reranker: Reranker, seconds: float = PASS_SECONDS) -> Iterator[list[in
         yield passes
     finally:
         handle.remove()
-
-
-def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def _refusals(metrics: dict[Any, float], reason: str) -> float:
@@ -133,11 +123,11 @@ def test_open_loop_overload_is_refused_fast_admitted_stay_exact_and_light_load_r
         finally:
             stop.set()
             watcher.join(timeout=30)
-        during = _metrics(server.url)
+        during = scrape_metrics(server.url)
         wait_for(lambda: client.get("/ready").status_code == 200, 10, "the backlog to clear")
         light = [{"query": QUERY, "documents": DOCS}] * 10
         calm = asyncio.run(_open_loop(server.url, light, rate=0.4 / single))
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
 
     admitted = [(r, s) for r, s in answers if r.status_code == 200]
     refused = [(r, s) for r, s in answers if r.status_code != 200]
@@ -182,7 +172,7 @@ def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Rera
     slow = reranker.with_settings(max_batch_size=1)
     app = create_app(slow, max_queue_wait=0.3, batch_wait_ms=0, cache_size=0)
     with paced(reranker) as passes, ServerThread(app) as server:
-        before = _metrics(server.url)
+        before = scrape_metrics(server.url)
         thread, long_answer = _occupy(server.url)
         wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
         started = time.monotonic()
@@ -191,7 +181,7 @@ def test_a_request_that_waited_past_the_limit_is_dropped_unscored(reranker: Rera
         )
         took = time.monotonic() - started
         thread.join(timeout=60)
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
     _check_refusal(response, "overloaded")
     assert "max_queue_wait" in response.json()["error"]["message"]
     assert took < 0.3 + 0.5, f"answered after {took:.2f} s, not at the limit"
@@ -207,7 +197,7 @@ def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
     with paced(reranker) as passes, ServerThread(app) as server:
         url = f"{server.url}/v1/rerank"
         body = {"query": "退货", "documents": DOCS}
-        before = _metrics(server.url)
+        before = scrape_metrics(server.url)
         # Nothing measured yet: admitted, then dropped unscored when its own deadline passes.
         thread, _ = _occupy(server.url)
         wait_for(lambda: len(passes) >= 2, 30, "the long request to start running")
@@ -223,7 +213,7 @@ def test_a_passed_deadline_is_never_scored(reranker: Reranker) -> None:
         refused = httpx.post(url, json=body, headers={"X-Request-Timeout": "0.2"}, timeout=30)
         refused_took = time.monotonic() - started
         thread.join(timeout=60)
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
         # A deadline that leaves time is scored, exactly.
         kept = httpx.post(url, json=body, headers={"X-Request-Timeout": "30"}, timeout=30)
         bad = [
@@ -291,7 +281,7 @@ def test_the_python_client_sends_what_is_left_of_its_timeout_as_the_deadline(rer
             httpx.post(f"{server.url}/v1/rerank", json={"query": "发票", "documents": DOCS}).status_code
             == 200
         )
-        before = _metrics(server.url)
+        before = scrape_metrics(server.url)
         thread, _ = _occupy(server.url)
         wait_for(lambda: len(passes) >= 5, 30, "the long request to start running")
         client = RerankClient(server.url, timeout=0.4)
@@ -301,7 +291,7 @@ def test_the_python_client_sends_what_is_left_of_its_timeout_as_the_deadline(rer
         took = time.monotonic() - started
         kept = RerankClient(server.url, timeout=0.4, on_overload="keep_order").rerank("退货", DOCS, top_n=2)
         thread.join(timeout=60)
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
     # The service, not the client's read timeout, ended it: 503 deadline_exceeded, never scored.
     assert raised.value.status_code == 503 and "deadline" in str(raised.value)
     assert took < 0.4 + 0.5
@@ -361,7 +351,7 @@ def test_a_fully_cached_request_is_answered_at_once_while_new_work_is_refused(re
         took = time.monotonic() - started
         new = httpx.post(url, json={"query": "退货", "documents": [*DOCS, "新的问题"]}, timeout=30)
         thread.join(timeout=60)
-        answered = _metrics(server.url)[("qwen3_rerank_requests_answered_from_cache_total", ())]
+        answered = scrape_metrics(server.url)[("qwen3_rerank_requests_answered_from_cache_total", ())]
     check_exact_answer(first, expected)
     check_exact_answer(again, expected)
     usage = again.json()["usage"]
@@ -389,7 +379,7 @@ def test_a_burst_on_an_idle_service_is_estimated_as_a_whole_and_light_load_after
             response.status_code for response, _ in asyncio.run(_open_loop(server.url, bodies[:10], rate=4.0))
         ]
         ready = httpx.get(f"{server.url}/ready", timeout=30).json()
-        dropped = _refusals(_metrics(server.url), "waited_too_long")
+        dropped = _refusals(scrape_metrics(server.url), "waited_too_long")
     statuses = [response.status_code for response, _ in burst]
     assert set(statuses) <= {200, 503} and 200 in statuses
     assert dropped <= 2, f"{dropped} burst requests were admitted, then dropped at the limit"

@@ -17,9 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerThread, check_exact_answer, expected_scores, wait_for
+from helpers import ServerThread, check_exact_answer, expected_scores, scrape_metrics, wait_for
 from qwen3_rerank_plugins import Reranker
 from qwen3_rerank_plugins.server import create_app
 
@@ -29,15 +28,6 @@ DOCS = [
     "[FAQ] 订单发货时间：付款后48小时内发货，可在“我的订单”中查看物流。",
     "[Policy] Refunds are issued to the original payment method within 7 business days.",
 ]
-
-
-def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def _answered(endpoint: str, status: int) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -87,7 +77,7 @@ def test_thirty_stalled_uploads_are_cut_with_408_while_others_are_served(reranke
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
     expected = expected_scores(reranker, QUERY, DOCS)
     with ServerThread(app) as server:
-        before = _metrics(server.url)
+        before = scrape_metrics(server.url)
         socks: list[socket.socket] = []
         trickling: list[socket.socket] = []
         started = time.monotonic()
@@ -140,7 +130,7 @@ def test_thirty_stalled_uploads_are_cut_with_408_while_others_are_served(reranke
             trickler.join(timeout=10)
             for sock in socks:
                 sock.close()
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             check_exact_answer(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}), expected)
 
@@ -239,7 +229,9 @@ def test_a_bad_body_timeout_is_refused_at_start_up(reranker: Reranker, body_time
 def _wait_for_hang_up(url: str, path: str, before: dict[Any, float]) -> None:
     """Until ``/metrics`` counts one more 499 answer on ``path`` than ``before`` did."""
     key = _answered(path, 499)
-    wait_for(lambda: _metrics(url).get(key, 0) > before.get(key, 0), 30, f"a hang-up on {path} to be counted")
+    wait_for(
+        lambda: scrape_metrics(url).get(key, 0) > before.get(key, 0), 30, f"a hang-up on {path} to be counted"
+    )
 
 
 def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
@@ -247,14 +239,14 @@ def test_a_client_hanging_up_mid_upload_is_counted_499_and_logged_quietly(
 ) -> None:
     body = json.dumps({"query": QUERY, "documents": DOCS}).encode()
     with ServerThread(create_app(reranker)) as server:
-        before = _metrics(server.url)
+        before = scrape_metrics(server.url)
         with caplog.at_level(logging.DEBUG):
             for path in ("/v1/rerank", "/rank"):
                 with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
                     sock.sendall(_head(path, f"Content-Length: {len(body)}") + body[: len(body) // 2])
                     time.sleep(0.1)  # the server has read the first half
             _wait_for_hang_up(server.url, "/rank", before)
-        after = _metrics(server.url)
+        after = scrape_metrics(server.url)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             check_exact_answer(
                 client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}),
@@ -284,7 +276,7 @@ def test_a_running_request_whose_client_hangs_up_stops_between_forward_passes(re
     handle = reranker._core.backbone.register_forward_pre_hook(pace, with_kwargs=True)
     try:
         with ServerThread(create_app(slow, batch_wait_ms=0)) as server:
-            before = _metrics(server.url)
+            before = scrape_metrics(server.url)
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
                 sock.sendall(_head("/v1/rerank", f"Content-Length: {len(body)}") + body)
                 wait_for(lambda: len(passes) >= 2, 30, "the request to start running")
@@ -293,7 +285,7 @@ def test_a_running_request_whose_client_hangs_up_stops_between_forward_passes(re
             stopped_at = len(passes)
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
-            after = _metrics(server.url)
+            after = scrape_metrics(server.url)
     finally:
         handle.remove()
 
@@ -318,10 +310,10 @@ def test_a_request_over_the_token_budget_is_refused_with_413_before_scoring(
         ServerThread(create_app(reranker, max_request_tokens=tokens - 1)) as tight,
         ServerThread(create_app(reranker, max_request_tokens=tokens)) as exact,
     ):
-        before = _metrics(tight.url)
+        before = scrape_metrics(tight.url)
         refused = httpx.post(f"{tight.url}{path}", json=body, timeout=30)
         small = httpx.post(f"{tight.url}{path}", json={**body, "documents": documents[:1]}, timeout=30)
-        after = _metrics(tight.url)
+        after = scrape_metrics(tight.url)
         fits = httpx.post(f"{exact.url}{path}", json=body, timeout=30)
 
     assert refused.status_code == 413, refused.text
@@ -401,7 +393,7 @@ def test_a_request_that_makes_the_worker_raise_fails_alone(reranker: Reranker) -
         for t in threads:
             t.join(timeout=60)
         later = httpx.post(f"{server.url}/v1/rerank", json=bodies[0], timeout=60)
-        metrics = _metrics(server.url)
+        metrics = scrape_metrics(server.url)
 
     assert len(responses) == len(bodies)
     poisoned = responses[3]

@@ -25,9 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import free_port, wait_for
+from helpers import free_port, scrape_metrics, wait_for
 from qwen3_rerank_plugins import Reranker
 
 pytestmark = pytest.mark.slow
@@ -181,15 +180,6 @@ def _rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS in /proc/<pid>/status")
 
 
-def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 @pytest.fixture
 def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """``qwen3-rerank serve`` over the tiny model, in its own process on a free port."""
@@ -249,7 +239,7 @@ def test_soak_a_thousand_requests_from_sixteen_threads(
         if problem is not None:
             problems.append(problem)
 
-    before = _metrics(url)
+    before = scrape_metrics(url)
     started = time.monotonic()
     with ThreadPoolExecutor(THREADS) as pool:
         list(pool.map(send, plan[:WARM_UP]))
@@ -257,7 +247,7 @@ def test_soak_a_thousand_requests_from_sixteen_threads(
         list(pool.map(send, plan[WARM_UP:]))
     elapsed = time.monotonic() - started
     rss_end = _rss_mib(proc.pid)
-    after = _metrics(url)
+    after = scrape_metrics(url)
 
     def total(predicate: Callable[[dict[str, str]], bool]) -> float:
         return sum(
