@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
-from ..protocol import GroupScores, LocalScorer, ScoreGroup, Scorer, precision_name
+from ..protocol import LocalScorer, ScoreGroup, Scorer, precision_name
 from ..server_defaults import REQUEST_TIMEOUT_HEADER, ServiceConfig
 from ..validation import InputTooLongError
 from .batcher import BatcherClosedError, MicroBatcher, QueueFullError, ScoredRequest, WaitedTooLongError
@@ -305,7 +305,7 @@ class RerankService:
             await _check_token_budget(self.reranker, group, self.config.max_request_tokens)
         # Counted before the estimate below, with no await between that estimate and the
         # request joining the queue: requests admitted together each count the others' work.
-        cost, cached = await asyncio.to_thread(_cost_or_cached, self.reranker, group)
+        tokens, cached = await asyncio.to_thread(self.reranker.lookup, group)
         if cached is not None:
             self.metrics.answered_from_cache.inc()
             return Admission(
@@ -319,7 +319,7 @@ class RerankService:
             raise self._refuse_deadline("its deadline (X-Request-Timeout) passed before it was admitted", 0.0)
         wait = batcher.estimated_wait()
         if wait is None:
-            return Admission(batcher, cost=cost)
+            return Admission(batcher, cost=float(tokens))
         planned = _planned_wait(batcher, wait, self.config.max_queue_wait)
         limit = self.config.max_queue_wait
         if limit is not None and planned > limit:
@@ -334,7 +334,7 @@ class RerankService:
                 "(X-Request-Timeout)",
                 now + planned - deadline,
             )
-        return Admission(batcher, wait, cost=cost)
+        return Admission(batcher, wait, cost=float(tokens))
 
     def _refuse_deadline(self, reason: str, late: float) -> RequestError:
         self.metrics.refusals.labels("deadline").inc()
@@ -423,13 +423,6 @@ def _planned_wait(batcher: MicroBatcher, wait: float, limit: float | None) -> fl
     if limit is not None:
         margin = min(margin, MAX_MARGIN_SHARE * limit)
     return wait + margin
-
-
-def _cost_or_cached(reranker: Any, group: ScoreGroup) -> tuple[float, GroupScores | None]:
-    """Runs in a worker thread: the group's prompt tokens (what admission by time counts), and
-    its whole answer when the score cache holds every pair of it (one tokenisation for both)."""
-    tokens, cached = reranker.lookup(group)
-    return float(tokens), cached
 
 
 def _wait_text(wait: float, planned: float) -> str:
