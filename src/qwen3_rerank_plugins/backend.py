@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .modeling import Qwen3Backbone
 from .plain_tokenizer import plain_text_tokenizer
 from .protocol import ScoringStopped, StopCheck
 from .templates import PROMPT_PREFIX, PROMPT_SUFFIX
@@ -213,25 +214,44 @@ class _Prefixes:
     lengths: list[int]
 
 
-def _prefix_cache(prefixes: _Prefixes, rows: list[int], width: int, device: torch.device):
-    """A read-only cache giving each row its own prefix (``rows[i]`` indexes ``prefixes``)."""
+class _PrefixCache:
+    """The layers of :func:`_prefix_cache`, as :class:`~.modeling.Qwen3Backbone` reads them."""
+
+    def __init__(self, layers: list[_PrefixLayer]) -> None:
+        self.layers = layers
+
+    def get_seq_length(self) -> int:
+        return self.layers[0].get_seq_length()
+
+
+def _prefix_cache(prefixes: _Prefixes, rows: list[int], width: int, device: torch.device, *, native: bool):
+    """A read-only cache giving each row its own prefix (``rows[i]`` indexes ``prefixes``).
+
+    For the native decoder a :class:`_PrefixCache`; for transformers' a ``Cache`` of the same
+    layers.
+    """
+    layers = _prefix_layers(prefixes, rows, width, device)
+    if native:
+        return _PrefixCache(layers)
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     # Registered as a virtual subclass so the cache's isinstance checks treat it as an attention layer.
     CacheLayerMixin.register(_PrefixLayer)
+    return Cache(layers=layers)
+
+
+def _prefix_layers(
+    prefixes: _Prefixes, rows: list[int], width: int, device: torch.device
+) -> list[_PrefixLayer]:
     distinct = sorted(set(rows))
     if len(distinct) == 1:
         g = distinct[0]
-        layers = [
+        return [
             _PrefixLayer(k[g : g + 1, :, :width], v[g : g + 1, :, :width], None, len(rows))
             for k, v in prefixes.layers
         ]
-    else:
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        layers = [
-            _PrefixLayer(k[:, :, :width], v[:, :, :width], index, len(rows)) for k, v in prefixes.layers
-        ]
-    return Cache(layers=layers)
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    return [_PrefixLayer(k[:, :, :width], v[:, :, :width], index, len(rows)) for k, v in prefixes.layers]
 
 
 def _row_mask(
@@ -281,6 +301,8 @@ class ScoringModel:
         self.config = model.config
         self.backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.backbone.eval()
+        #: Whether the backbone is this package's own decoder (:mod:`.modeling`), not transformers'.
+        self.native = isinstance(self.backbone, Qwen3Backbone)
         first = next(self.backbone.parameters())
         self.device, self.dtype = first.device, first.dtype
 
@@ -372,7 +394,8 @@ class ScoringModel:
         batch = self._padded(prefixes)
         out = self.backbone(input_ids=batch, use_cache=True)
         cache = out.cache if self.cache_kwarg == "cache" else out.past_key_values
-        return _Prefixes([(layer.keys, layer.values) for layer in cache.layers], lengths)
+        layers = cache if self.native else cache.layers
+        return _Prefixes([(layer.keys, layer.values) for layer in layers], lengths)
 
     @torch.inference_mode()
     def run_rows(
@@ -394,7 +417,7 @@ class ScoringModel:
             kwargs = {
                 "use_cache": True,
                 self.cache_kwarg: _prefix_cache(
-                    prefixes, [max(p, 0) for p in row_prefixes], width, self.device
+                    prefixes, [max(p, 0) for p in row_prefixes], width, self.device, native=self.native
                 ),
             }
             if min(own) != width:
@@ -402,7 +425,7 @@ class ScoringModel:
                 offsets = torch.tensor(own, device=self.device).unsqueeze(1)
                 kwargs["position_ids"] = offsets + torch.arange(batch.shape[1], device=self.device)
                 mask = _row_mask(own, width, batch.shape[1], self.dtype, self.device)
-                kwargs["attention_mask"] = dict.fromkeys(self.mask_keys, mask)
+                kwargs["attention_mask"] = mask if self.native else dict.fromkeys(self.mask_keys, mask)
         hidden = self.backbone(input_ids=batch, **kwargs).last_hidden_state
         last = torch.tensor(lengths, device=self.device) - 1
         h_last = hidden[torch.arange(len(rows), device=self.device), last]

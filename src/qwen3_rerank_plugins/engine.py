@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, score_rows
 from .cache import CACHE_FORMAT_VERSION, CachedScore, ScoreCache
 from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
+from .modeling import load_native, native_support
 from .protocol import GroupScores, ScoreGroup, StopCheck, precision_name
 from .scoring import BaseReranker
 from .settings import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, RerankerSettings
@@ -187,6 +188,7 @@ class Reranker(BaseReranker):
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         attn_implementation: str | None = "sdpa",
+        modeling: str = "auto",
         cache: ScoreCache | int | None = None,
         cache_url: str | None = None,
         **settings: Any,
@@ -208,7 +210,13 @@ class Reranker(BaseReranker):
                 ``"local"``, ``"huggingface"`` or ``"modelscope"``.
             revision: Hub revision.
             cache_dir: Download cache directory.
-            attn_implementation: Passed to transformers (``"sdpa"``, ``"flash_attention_2"``, ...).
+            attn_implementation: ``"sdpa"`` (default), or another kernel transformers offers
+                (``"flash_attention_2"``, ``"eager"``, ...), which loads through transformers.
+            modeling: Which decoder code runs the checkpoint: ``"auto"`` (default) this
+                package's own (:mod:`~qwen3_rerank_plugins.modeling`: the same operations as
+                transformers' SDPA path, without its seconds-long import) when it describes the
+                checkpoint, else transformers'; ``"native"`` (an error if it cannot) or
+                ``"transformers"``.
             cache: An exact score cache: a number of in-process entries (about 240 bytes each),
                 or a :class:`~qwen3_rerank_plugins.cache.ScoreCache`; ``None`` (default): off.
                 See :meth:`with_cache`.
@@ -226,8 +234,10 @@ class Reranker(BaseReranker):
             ValueError: The directory is not a Qwen3 causal LM, or a setting is invalid.
             RuntimeError: The requested device is not available.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        if modeling not in _MODELING:
+            raise ValueError(f"modeling must be one of {', '.join(map(repr, _MODELING))}, got {modeling!r}")
         checked = RerankerSettings.from_kwargs(**settings)  # before minutes of loading
         score_cache = ScoreCache.build(cache, cache_url)
         torch_device = resolve_device(device)
@@ -235,17 +245,11 @@ class Reranker(BaseReranker):
         warn_if_emulated(precision, torch_device)
         torch_dtype = precision.dtype
         path, used = resolve_model_dir(model_name_or_path, source, revision=revision, cache_dir=cache_dir)
-        validate_model_dir(path)
+        config = validate_model_dir(path)
         name = Path(os.fspath(model_name_or_path)).name if used not in ("local", "demo") else path.name
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if attn_implementation is not None:
-            load_kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-        if model.__class__.__name__ != "Qwen3ForCausalLM":
-            raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
-        model.to(torch_device)
+        model = _load_model(path, config, modeling, attn_implementation, torch_dtype, torch_device)
         display = name or Path(str(getattr(model, "name_or_path", "") or "Qwen3-Reranker")).name
         core = ScoringModel(model, tokenizer, display)
         if precision.quantization == "int8":
@@ -636,6 +640,38 @@ class Reranker(BaseReranker):
                 param="query",
             )
         return head
+
+
+_MODELING = ("auto", "native", "transformers")
+
+
+def _load_model(
+    path: Path,
+    config: dict[str, Any],
+    modeling: str,
+    attn_implementation: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Any:
+    """The checkpoint's causal LM, through this package's decoder or transformers' (see ``modeling``)."""
+    reason = native_support(path, config, attn_implementation)
+    if modeling == "native" and reason is not None:
+        raise ValueError(
+            f"modeling='native' cannot load {path}: {reason}; use modeling='auto' or 'transformers'"
+        )
+    if modeling != "transformers" and reason is None:
+        return load_native(path, config, dtype, device)
+    if modeling == "auto":
+        logger.info("%s: loading through transformers' modelling code (%s)", path.name, reason)
+    from transformers import AutoModelForCausalLM
+
+    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    if model.__class__.__name__ != "Qwen3ForCausalLM":
+        raise ValueError(f"{path} loaded as {model.__class__.__name__}; Qwen3ForCausalLM is required")
+    return model.to(device)
 
 
 def _ids_bytes(ids: list[int]) -> bytes:

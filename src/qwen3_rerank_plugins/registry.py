@@ -39,6 +39,7 @@ class _Weights:
     revision: str | None
     cache_dir: str | None
     attn_implementation: str | None
+    modeling: str = "auto"
 
 
 _models: dict[_Weights, Reranker] = {}
@@ -56,6 +57,7 @@ def get_reranker(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = "sdpa",
+    modeling: str = "auto",
     base_url: str | None = None,
     api_key: str | None = None,
     timeout: float | None = None,
@@ -75,7 +77,7 @@ def get_reranker(
     this project's service (``qwen3-rerank serve`` or its Ray Serve deployment).
 
     Args:
-        model_name_or_path, device, dtype, source, revision, cache_dir, attn_implementation:
+        model_name_or_path, device, dtype, source, revision, cache_dir, attn_implementation, modeling:
             As for :meth:`Reranker.from_pretrained` (``"demo"`` is the tiny random-weight demo
             model); they decide which weights are loaded.
         base_url: URL of this project's rerank service or its Ray Serve deployment to score on
@@ -127,6 +129,7 @@ def get_reranker(
         revision,
         None if cache_dir is None else os.fspath(cache_dir),
         attn_implementation,
+        modeling,
     )
     key = (weights, checked, (cache or None, cache_url))
     with _registry_lock:
@@ -154,6 +157,7 @@ def get_reranker(
                 revision=revision,
                 cache_dir=cache_dir,
                 attn_implementation=attn_implementation,
+                modeling=modeling,
                 **settings,
             )
         with _registry_lock:
@@ -189,8 +193,8 @@ def _get_remote(
 def loaded_with(reranker: Scorer) -> dict[str, str] | None:
     """The :func:`get_reranker` arguments that loaded ``reranker``'s weights, or ``None``.
 
-    Known for weights that :func:`get_reranker` loaded with the default revision, cache and
-    attention; an engine built by hand (``Reranker(model, tokenizer)``) has none.
+    Known for weights that :func:`get_reranker` loaded with the default revision, cache,
+    attention and modeling; an engine built by hand (``Reranker(model, tokenizer)``) has none.
 
     Returns:
         ``{"model", "device", "dtype", "source"}`` or ``None``.
@@ -198,7 +202,8 @@ def loaded_with(reranker: Scorer) -> dict[str, str] | None:
     weights = getattr(getattr(reranker, "_core", None), "origin", None)
     if not isinstance(weights, _Weights):
         return None
-    if (weights.revision, weights.cache_dir, weights.attn_implementation) != (None, None, "sdpa"):
+    defaults = (None, None, "sdpa", "auto")
+    if (weights.revision, weights.cache_dir, weights.attn_implementation, weights.modeling) != defaults:
         return None
     return {
         "model": weights.model,
