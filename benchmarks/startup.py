@@ -2,8 +2,10 @@
 
 Wall time of fresh processes, in alternating rounds (best and median of ``--rounds``):
 
-* ``import torch`` and ``import torch, transformers`` + transformers' ``modeling_qwen3``: the
-  floor any run of the Qwen3 model pays, whatever this package does;
+* ``import torch``, and torch + transformers' ``AutoTokenizer``: the floor a run pays whatever
+  this package does (the model runs on the package's own decoder, ``modeling.py``);
+* torch + transformers' ``modeling_qwen3``: what loading through transformers' modelling code
+  costs (the floor before ``modeling.py``);
 * ``qwen3-rerank --help``;
 * ``qwen3-rerank rank --demo -q ... `` (two documents on stdin), from start to exit;
 * ``qwen3-rerank serve --demo``: time to the first ``/health`` answer (503 while loading) and to
@@ -36,6 +38,12 @@ FLOOR_QWEN3 = [
     sys.executable,
     "-c",
     "import torch, transformers; from transformers.models.qwen3 import modeling_qwen3",
+]
+#: What the native decoder (modeling.py) still imports beyond torch: transformers' tokenizer.
+FLOOR_TOKENIZER = [
+    sys.executable,
+    "-c",
+    "import torch, safetensors.torch; from transformers import AutoTokenizer",
 ]
 CLI = [sys.executable, "-m", "qwen3_rerank_plugins"]
 
@@ -118,7 +126,11 @@ def main() -> None:
     _wall([*CLI, "rank", "--demo", "-q", "warm"], _env(args.src), stdin="d\n")  # builds the demo model once
     for _ in range(args.rounds):
         add("floor: import torch", _wall(FLOOR_TORCH, _env(None)))
-        add("floor: torch + transformers + modeling_qwen3", _wall(FLOOR_QWEN3, _env(None)))
+        add("floor: torch + transformers' AutoTokenizer", _wall(FLOOR_TOKENIZER, _env(None)))
+        add(
+            "torch + transformers + modeling_qwen3 (not imported since modeling.py)",
+            _wall(FLOOR_QWEN3, _env(None)),
+        )
         for name, src in trees.items():
             env = _env(src)
             add(f"{name}: --help", _wall([*CLI, "--help"], env))
