@@ -62,6 +62,8 @@ PATHS: dict[str, str] = {
     "engine-bf16": "the engine with dtype='bfloat16' (optional low-precision path)",
     "engine-int8": "the engine with dtype='int8' (dynamic int8 linear layers, float32 head)",
     "engine-batched": "the engine scoring a workload's requests in one score_groups call (batch mode)",
+    "llama.cpp-f32": "llama.cpp's llama-server /v1/rerank on an f32 GGUF (--llama-server, --gguf f32=FILE)",
+    "llama.cpp-q8_0": "llama.cpp's llama-server /v1/rerank on a Q8_0 GGUF (--gguf q8_0=FILE)",
 }
 DEFAULT_PATHS = {
     "cpu": ["model-card", "sentence-transformers", "engine", "engine-no-prefix-cache", "engine-bf16"],
@@ -70,6 +72,9 @@ DEFAULT_PATHS = {
 QUICK_PATHS = ["model-card", "engine"]
 #: Paths measured on a subset of the workloads only (the rest would add minutes, not information).
 PATH_WORKLOADS = {"engine-no-prefix-cache": {"W1", "W2"}}
+# llama.cpp reads whole documents: W4's are cut to max_length by the other paths, so it would
+# not read the same tokens there.
+PATH_WORKLOADS.update({p: {"W1", "W2", "W3"} for p in PATHS if p.startswith("llama.cpp-")})
 LOW_PRECISION_PATHS = {"engine-bf16", "engine-int8"}
 #: ``--precision``: the engine in each CPU precision, compared with its own float32.
 PRECISION_PATHS = ["engine", "engine-bf16", "engine-int8"]
@@ -215,6 +220,21 @@ def _load_path(path: str, model_dir: str, device: str, dtype: str):
     return score
 
 
+def _llama_cpp_path(spec: dict[str, Any], kind: str):
+    """``score`` over llama.cpp's server on the GGUF given for ``kind`` (``f32``, ``q8_0``)."""
+    from llama_server import LlamaServer
+
+    server = LlamaServer(
+        spec["llama_server"], spec["gguf"][kind], threads=spec.get("threads"), parallel=spec["llama_parallel"]
+    )
+
+    def score(req: Request, max_length: int) -> list[float]:
+        return server.rerank(req.query, req.documents)  # probabilities, as the other paths give
+
+    score.peak_mb = server.peak_mb  # type: ignore[attr-defined]
+    return score
+
+
 def _linear_params(reranker: Any) -> int:
     """Parameters a token passes through in the backbone (all but the embedding table)."""
     backbone = reranker._core.backbone
@@ -248,7 +268,10 @@ def run_worker(path: str, spec: dict[str, Any]) -> dict[str, Any]:
     device, dtype = spec["device"], spec["dtype"]
     memory = PeakMemory(device)
     start = time.perf_counter()
-    score = _load_path(path, spec["model_dir"], device, dtype)
+    if path.startswith("llama.cpp-"):
+        score = _llama_cpp_path(spec, path.removeprefix("llama.cpp-"))
+    else:
+        score = _load_path(path, spec["model_dir"], device, dtype)
     result: dict[str, Any] = {
         "path": path,
         "load_s": time.perf_counter() - start,
@@ -283,11 +306,12 @@ def run_worker(path: str, spec: dict[str, Any]) -> dict[str, Any]:
                 elapsed += seconds
                 scores.append(got)
             times.append(elapsed)
+        server_peak = getattr(score, "peak_mb", None)
         entry = {
             "seconds": statistics.median(times),
             "runs_ms": [t * 1000 for t in times],
             "pairs": workload.pairs,
-            "peak_mb": memory.peak_mb(),
+            "peak_mb": server_peak() if server_peak else memory.peak_mb(),
             "scores": scores,
         }
         rr = getattr(score, "reranker", None)
@@ -695,13 +719,20 @@ def _chart(summary: dict[str, Any], out: Path, title: str) -> None:
 def _spec(args: argparse.Namespace, model_dir: str, workloads: list[Workload]) -> dict[str, Any]:
     from qwen3_rerank_plugins.templates import resolve_instruction
 
+    # llama.cpp's rerank template fixes the model card's default instruction: with a llama.cpp
+    # path in the run, every path reads it, so all read the same tokens.
+    same_instruction = bool(args.gguf)
+
     def resolved(workload: Workload) -> dict[str, Any]:
         data = workload.to_dict()
         for req in data["requests"]:
-            req["instruction"] = resolve_instruction(req["instruction"])
+            req["instruction"] = resolve_instruction(None if same_instruction else req["instruction"])
         return data
 
     return {
+        "llama_server": args.llama_server,
+        "gguf": args.gguf,
+        "llama_parallel": args.llama_parallel,
         "model_dir": model_dir,
         "device": args.device,
         "dtype": args.dtype,
@@ -764,6 +795,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (default: H100 dense bf16)"
     )
+    parser.add_argument(
+        "--llama-server", help="llama.cpp's llama-server binary: adds the llama.cpp paths (with --gguf)"
+    )
+    parser.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        metavar="KIND=FILE",
+        help="a GGUF of the same model for llama.cpp, KIND f32 or q8_0 (repeatable)",
+    )
+    parser.add_argument("--llama-parallel", type=int, default=4, help="llama-server slots (-np)")
     parser.add_argument("--out", type=Path, help="results file (default: RESULTS.md, or .work/quick.md)")
     parser.add_argument("--reuse", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -787,11 +829,17 @@ def main(argv: list[str] | None = None) -> int:
             )
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     sizes = "quick" if args.quick else (args.sizes or ("cpu" if device == "cpu" else "issue"))
+    args.gguf = _gguf_files(parser, args)
     default_paths = PRECISION_PATHS if args.precision else DEFAULT_PATHS[device]
+    default_paths = default_paths + [f"llama.cpp-{kind}" for kind in args.gguf]
     paths = args.paths.split(",") if args.paths else (QUICK_PATHS if args.quick else default_paths)
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         parser.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
+    llama_paths = [p for p in paths if p.startswith("llama.cpp-")]
+    without = [p for p in llama_paths if p.removeprefix("llama.cpp-") not in args.gguf]
+    if without:
+        parser.error(f"{', '.join(without)} needs --llama-server and --gguf KIND=FILE")
     if args.quick:
         args.latency_repeats = 1
     WORK.mkdir(parents=True, exist_ok=True)
@@ -827,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"- model: {model_line}", f"- device / dtype: {args.device} / {args.dtype}"]
     header += [f"- torch threads per path: {args.threads or 'torch default'}"]
     header += [f"- {k}: {v}" for k, v in machine.items()]
+    header += _llama_cpp_lines(args)
     header += [f"- workloads ({sizes} sizes): " + "; ".join(f"{w.name} {w.description}" for w in workloads)]
     report = "\n".join(header) + "\n\n" + tables + "\n"
     print(report)
@@ -878,6 +927,7 @@ def _precision_run(
         "alternating order, each path in its own process; best time per workload kept",
     ]
     header += [f"- {k}: {v}" for k, v in machine.items()]
+    header += _llama_cpp_lines(args)
     header += [
         f"- workloads ({sizes_name(args)} sizes): "
         + "; ".join(f"{w.name} {w.description}" for w in workloads)
@@ -900,6 +950,43 @@ def _precision_run(
         "real one's difficulty, not the real model's agreement.\n\n" + report
     )
     return 0
+
+
+def _llama_cpp_lines(args: argparse.Namespace) -> list[str]:
+    """Header lines naming the llama.cpp build and settings, when it ran."""
+    if not args.gguf:
+        return []
+    out = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True, timeout=60)
+    version = next((line for line in (out.stderr + out.stdout).splitlines() if "version" in line), "unknown")
+    return [
+        f"- llama.cpp: `{args.llama_server}` ({version.strip()}); -np {args.llama_parallel}, 2048 tokens "
+        "per slot, f32 KV cache, flash attention off; GGUFs "
+        + ", ".join(f"{kind} `{Path(file).name}`" for kind, file in args.gguf.items()),
+        "- instruction: the model card's default for every path and request (llama.cpp's rerank "
+        "template fixes it), so all paths read the same tokens",
+    ]
+
+
+def _gguf_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """``--gguf KIND=FILE`` options as ``{kind: absolute path}``, checked with ``--llama-server``."""
+    files: dict[str, str] = {}
+    for item in args.gguf:
+        kind, sep, file = item.partition("=")
+        if not sep or f"llama.cpp-{kind}" not in PATHS:
+            parser.error(f"--gguf {item!r}: expected KIND=FILE with KIND f32 or q8_0")
+        if not Path(file).is_file():
+            parser.error(f"--gguf {item!r}: no such file {file}")
+        files[kind] = str(Path(file).resolve())
+    if files and not args.llama_server:
+        parser.error("--gguf needs --llama-server PATH (llama.cpp's server binary)")
+    if args.llama_server:
+        if not files:
+            parser.error("--llama-server needs at least one --gguf KIND=FILE")
+        binary = Path(args.llama_server)
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            parser.error(f"--llama-server {args.llama_server}: not an executable file")
+        args.llama_server = str(binary.resolve())
+    return files
 
 
 def sizes_name(args: argparse.Namespace) -> str:
