@@ -941,6 +941,8 @@ def _precision_run(
         for k, v in (("layers", args.layers), ("threads", args.threads), ("rounds", args.rounds))
         if v
     )
+    if args.gguf:
+        command += " --llama-server LLAMA_SERVER" + "".join(f" --gguf {kind}=FILE" for kind in args.gguf)
     out.write_text(
         "# CPU precision: engine float32, bfloat16 and int8 side by side\n\n"
         f"Measured by `{command}` in one run. Δlogit, Spearman and top-3 agreement are against the "
