@@ -36,6 +36,8 @@ __all__ = ["NativeQwen3", "Qwen3Backbone", "Qwen3Shape", "load_native", "native_
 logger = logging.getLogger(__name__)
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+# SDPA reads grouped keys and values itself (``enable_gqa``) from torch 2.5 on.
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 _SAFETENSORS_FILE = "model.safetensors"
 
 
@@ -174,7 +176,7 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = (k, v) if cached is None else cached.update(k, v)
-        if mask is None:
+        if mask is None and (_SDPA_GQA or self.groups == 1):
             # Causal over the pass's own tokens: SDPA's fused kernels handle the groups themselves.
             out = F.scaled_dot_product_attention(
                 q, keys, values, is_causal=length > 1, scale=self.scaling, enable_gqa=self.groups > 1
@@ -183,7 +185,9 @@ class Attention(nn.Module):
             if self.groups > 1:
                 keys = keys.repeat_interleave(self.groups, dim=1)
                 values = values.repeat_interleave(self.groups, dim=1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=self.scaling
+            )
         return self.o_proj(out.transpose(1, 2).reshape(rows, length, -1)), k, v
 
 
@@ -365,7 +369,7 @@ def load_native(
         local = name.removeprefix("model.")
         if name == "lm_head.weight":
             if not shape.tie_word_embeddings:
-                lm_head = tensor.to(device=device, dtype=dtype)
+                lm_head = tensor.to(device=device, dtype=dtype, copy=True)
             continue
         if local not in expected:
             unexpected.append(name)
@@ -375,7 +379,7 @@ def load_native(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies "
                 f"{tuple(expected[local])}"
             )
-        state[local] = tensor.to(device=device, dtype=dtype)
+        state[local] = tensor.to(device=device, dtype=dtype, copy=True)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
         raise ValueError(
