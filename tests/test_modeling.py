@@ -34,10 +34,27 @@ def _loaded(path: Path, **kwargs) -> Reranker:
     return Reranker.from_pretrained(path, device="cpu", source="local", **kwargs)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_native_decoder_scores_as_transformers_does(tiny_model_dir: Path, dtype: str):
-    native = _loaded(tiny_model_dir, dtype=dtype)
-    reference = _loaded(tiny_model_dir, dtype=dtype, modeling="transformers")
+@pytest.fixture(scope="module")
+def varied_norms_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with every RMSNorm weight moved off 1, so a dropped or swapped norm shows."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("models") / "varied-norms"
+    shutil.copytree(tiny_model_dir, path)
+    tensors = load_file(path / "model.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    for name, tensor in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = 1 + 0.3 * torch.randn(tensor.shape, generator=generator)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::qwen3_rerank_plugins.device.SlowPrecisionWarning")  # fp16 on CPU
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_native_decoder_scores_as_transformers_does(varied_norms_dir: Path, dtype: str):
+    native = _loaded(varied_norms_dir, dtype=dtype)
+    reference = _loaded(varied_norms_dir, dtype=dtype, modeling="transformers")
     assert isinstance(native._core.backbone, Qwen3Backbone)
     assert not isinstance(reference._core.backbone, Qwen3Backbone)
     variants = [
@@ -50,6 +67,17 @@ def test_native_decoder_scores_as_transformers_does(tiny_model_dir: Path, dtype:
         ours, theirs = _logits(native, **settings), _logits(reference, **settings)
         worst = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
         assert worst <= 1e-6, (settings, worst)
+
+
+def test_grouped_keys_repeated_by_hand_score_the_same(varied_norms_dir: Path, monkeypatch):
+    # Where SDPA cannot take grouped keys itself (torch < 2.5, MPS before 2.13), they are repeated.
+    from qwen3_rerank_plugins import modeling
+
+    native = _loaded(varied_norms_dir)
+    fused = _logits(native, prefix_cache=False)
+    monkeypatch.setattr(modeling.Attention, "_sdpa_takes_groups", lambda self, device: False)
+    repeated = _logits(native, prefix_cache=False)
+    assert repeated == pytest.approx(fused, abs=1e-6)
 
 
 def _write_checkpoint(
@@ -103,16 +131,53 @@ def test_config_written_by_older_transformers(tiny_model_dir: Path, tmp_path: Pa
     assert _logits(native) == pytest.approx(_logits(reference), abs=1e-6)
 
 
-def test_what_the_decoder_does_not_describe_loads_through_transformers(tiny_model_dir: Path, tmp_path: Path):
-    path = tmp_path / "scaled-rope"
-    shutil.copytree(tiny_model_dir, path)
+def _edited_config(source: Path, path: Path, **changes) -> Path:
+    shutil.copytree(source, path)
     config = json.loads((path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
     (path / "config.json").write_text(json.dumps(config))
+    return path
 
+
+def test_a_tied_config_with_its_own_head_scores_with_that_head(tiny_model_dir: Path, tmp_path: Path):
+    # A fine-tune may keep tie_word_embeddings=true yet ship an lm_head.weight of its own:
+    # transformers scores with that head, and so must the native decoder.
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "own-head"
+    shutil.copytree(tiny_model_dir, path)
+    tensors = load_file(path / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed + 0.5 * torch.randn(
+        embed.shape, generator=torch.Generator().manual_seed(5)
+    )
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    native, reference = _loaded(path), _loaded(path, modeling="transformers")
+    assert isinstance(native._core.backbone, Qwen3Backbone)
+    assert torch.equal(native._core.head, reference._core.head)
+    assert _logits(native) == pytest.approx(_logits(reference), abs=1e-6)
+
+
+def test_what_the_decoder_does_not_describe_loads_through_transformers(tiny_model_dir: Path, tmp_path: Path):
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}
+    path = _edited_config(tiny_model_dir, tmp_path / "scaled-rope", rope_parameters=linear)
     auto = _loaded(path)
     assert not isinstance(auto._core.backbone, Qwen3Backbone)
     with pytest.raises(ValueError, match=r"modeling='native' cannot load .*RoPE type 'linear'"):
+        _loaded(path, modeling="native")
+    # transformers reads rope_scaling before rope_parameters: a YaRN rope_scaling added to a config
+    # saved by transformers 5 is scaling, whatever rope_parameters says.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    path = _edited_config(tiny_model_dir, tmp_path / "yarn", rope_scaling=yarn)
+    with pytest.raises(ValueError, match="RoPE type 'yarn'"):
+        _loaded(path, modeling="native")
+    # Without head_dim transformers would apply its own default (128), not hidden / heads.
+    path = _edited_config(tiny_model_dir, tmp_path / "no-head-dim", head_dim=None)
+    with pytest.raises(ValueError, match=r"config\.json lacks head_dim"):
         _loaded(path, modeling="native")
     eager = _loaded(tiny_model_dir, attn_implementation="eager")
     assert not isinstance(eager._core.backbone, Qwen3Backbone)

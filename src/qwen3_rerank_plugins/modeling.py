@@ -36,9 +36,18 @@ __all__ = ["NativeQwen3", "Qwen3Backbone", "Qwen3Shape", "load_native", "native_
 logger = logging.getLogger(__name__)
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-# SDPA reads grouped keys and values itself (``enable_gqa``) from torch 2.5 on.
-_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+_torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
 _SAFETENSORS_FILE = "model.safetensors"
+#: Config keys read without a default (transformers' Qwen3Config has defaults of its own for them).
+_REQUIRED_CONFIG = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,8 @@ class Qwen3Shape:
             hidden_size=int(config["hidden_size"]),
             num_hidden_layers=int(config["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            num_key_value_heads=int(config["num_key_value_heads"]),
+            head_dim=int(config["head_dim"]),
             intermediate_size=int(config["intermediate_size"]),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
@@ -85,10 +94,14 @@ def native_support(path: Path, config: Mapping[str, Any], attn_implementation: s
         return f"attn_implementation={attn_implementation!r} (this decoder uses SDPA)"
     if config.get("quantization_config"):
         return "the checkpoint is quantized"
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        return f"RoPE type {rope_type!r}"
+    for key in ("rope_scaling", "rope_parameters"):  # transformers reads rope_scaling first
+        rope = config.get(key) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            return f"RoPE type {rope_type!r}"
+    missing = [key for key in _REQUIRED_CONFIG if config.get(key) is None]
+    if missing:
+        return f"config.json lacks {', '.join(missing)} (transformers' defaults would apply)"
     if config.get("use_sliding_window") or set(config.get("layer_types") or ["full_attention"]) != {
         "full_attention"
     }:
@@ -176,19 +189,27 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = (k, v) if cached is None else cached.update(k, v)
-        if mask is None and (_SDPA_GQA or self.groups == 1):
+        grouped = self.groups > 1
+        if mask is None and (not grouped or self._sdpa_takes_groups(q.device)):
             # Causal over the pass's own tokens: SDPA's fused kernels handle the groups themselves.
+            extra = {"enable_gqa": True} if grouped else {}
             out = F.scaled_dot_product_attention(
-                q, keys, values, is_causal=length > 1, scale=self.scaling, enable_gqa=self.groups > 1
+                q, keys, values, is_causal=length > 1, scale=self.scaling, **extra
             )
         else:
-            if self.groups > 1:
+            if grouped:
                 keys = keys.repeat_interleave(self.groups, dim=1)
                 values = values.repeat_interleave(self.groups, dim=1)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=self.scaling
             )
         return self.o_proj(out.transpose(1, 2).reshape(rows, length, -1)), k, v
+
+    def _sdpa_takes_groups(self, device: torch.device) -> bool:
+        """Whether SDPA reads grouped keys and values itself here, where transformers lets it:
+        ``enable_gqa`` exists from torch 2.5, works on MPS from 2.13, and for head sizes up to 256."""
+        minimum = (2, 13) if device.type == "mps" else (2, 5)
+        return _torch_version >= minimum and self.head_dim <= 256
 
 
 class DecoderLayer(nn.Module):
@@ -368,8 +389,9 @@ def load_native(
     for name, tensor in _tensors(_weight_files(path)):
         local = name.removeprefix("model.")
         if name == "lm_head.weight":
-            if not shape.tie_word_embeddings:
-                lm_head = tensor.to(device=device, dtype=dtype, copy=True)
+            # Kept even when the config ties it: transformers scores with a checkpoint's own head
+            # when it differs from the embeddings (a fine-tune may ship one).
+            lm_head = tensor.to(device=device, dtype=dtype, copy=True)
             continue
         if local not in expected:
             unexpected.append(name)
@@ -392,6 +414,12 @@ def load_native(
         if not shape.tie_word_embeddings:
             raise ValueError(f"{path} has no lm_head.weight and does not tie it to the embeddings")
         lm_head = backbone.embed_tokens.weight
+    elif shape.tie_word_embeddings and not torch.equal(lm_head, backbone.embed_tokens.weight):
+        logger.warning(
+            "%s ties its LM head to the embeddings in config.json but ships a different "
+            "lm_head.weight; scoring with lm_head.weight, as transformers does",
+            path,
+        )
     backbone.requires_grad_(False)
     parameters = sum(p.numel() for p in backbone.parameters())
     logger.debug("Loaded %s natively: %.0fM parameters in %s", path, parameters / 1e6, dtype)
