@@ -374,7 +374,9 @@ def load_native(
 
     Tensors are read one at a time, cast to ``dtype`` and moved to ``device``; the decoder is
     built on the meta device first, so no random initialisation is spent on weights about to be
-    replaced.
+    replaced. A tensor already in ``dtype`` on the CPU stays memory-mapped from its file, as
+    transformers keeps it: only the pages a forward pass reads become resident (most of the
+    151,669-row embedding table never does), and nothing is copied at load.
 
     Raises:
         ValueError: A tensor is missing, unexpected or of the wrong shape (the message names it).
@@ -391,7 +393,7 @@ def load_native(
         if name == "lm_head.weight":
             # Kept even when the config ties it: transformers scores with a checkpoint's own head
             # when it differs from the embeddings (a fine-tune may ship one).
-            lm_head = tensor.to(device=device, dtype=dtype, copy=True)
+            lm_head = tensor.to(device=device, dtype=dtype)
             continue
         if local not in expected:
             unexpected.append(name)
@@ -401,7 +403,7 @@ def load_native(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies "
                 f"{tuple(expected[local])}"
             )
-        state[local] = tensor.to(device=device, dtype=dtype, copy=True)
+        state[local] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
         raise ValueError(
