@@ -7,8 +7,10 @@ in float32 and bfloat16. Checkpoints the decoder does not describe load through 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,19 +36,38 @@ def _loaded(path: Path, **kwargs) -> Reranker:
     return Reranker.from_pretrained(path, device="cpu", source="local", **kwargs)
 
 
+def _copy(source: Path, path: Path, *, drop: tuple[str, ...] = (), **config: object) -> Path:
+    """A copy of the checkpoint ``source`` at ``path``, its config.json without the keys in
+    ``drop`` and with ``config``'s values set (``None`` writes ``null``)."""
+    shutil.copytree(source, path)
+    if drop or config:
+        data = json.loads((path / "config.json").read_text())
+        for key in drop:
+            data.pop(key, None)
+        data.update(config)
+        (path / "config.json").write_text(json.dumps(data))
+    return path
+
+
+@contextlib.contextmanager
+def _weights_of(path: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """The checkpoint's tensors, written back to its model.safetensors when the block ends."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    yield tensors
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
 def varied_norms_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with every RMSNorm weight moved off 1, so a dropped or swapped norm shows."""
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path_factory.mktemp("models") / "varied-norms"
-    shutil.copytree(tiny_model_dir, path)
-    tensors = load_file(path / "model.safetensors")
+    path = _copy(tiny_model_dir, tmp_path_factory.mktemp("models") / "varied-norms")
     generator = torch.Generator().manual_seed(3)
-    for name, tensor in tensors.items():
-        if name.endswith("norm.weight"):
-            tensors[name] = 1 + 0.3 * torch.randn(tensor.shape, generator=generator)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with _weights_of(path) as tensors:
+        for name, tensor in tensors.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = 1 + 0.3 * torch.randn(tensor.shape, generator=generator)
     return path
 
 
@@ -119,43 +140,28 @@ def test_untied_head_in_sharded_files(tiny_model_dir: Path, tmp_path: Path):
 
 def test_config_written_by_older_transformers(tiny_model_dir: Path, tmp_path: Path):
     # The published checkpoints' config.json: rope_theta at the top, rope_scaling null, no layer_types.
-    path = tmp_path / "older"
-    shutil.copytree(tiny_model_dir, path)
-    config = json.loads((path / "config.json").read_text())
-    theta = config.pop("rope_parameters")["rope_theta"]
-    config.pop("layer_types")
-    config.update(rope_theta=theta, rope_scaling=None, torch_dtype="float32")
-    (path / "config.json").write_text(json.dumps(config))
+    theta = json.loads((tiny_model_dir / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    path = _copy(
+        tiny_model_dir,
+        tmp_path / "older",
+        drop=("rope_parameters", "layer_types"),
+        rope_theta=theta,
+        rope_scaling=None,
+        torch_dtype="float32",
+    )
     native, reference = _loaded(path), _loaded(path, modeling="transformers")
     assert isinstance(native._core.backbone, Qwen3Backbone)
     assert _logits(native) == pytest.approx(_logits(reference), abs=1e-6)
 
 
-def _edited_config(source: Path, path: Path, **changes) -> Path:
-    shutil.copytree(source, path)
-    config = json.loads((path / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
 def test_a_tied_config_with_its_own_head_scores_with_that_head(tiny_model_dir: Path, tmp_path: Path):
     # A fine-tune may keep tie_word_embeddings=true yet ship an lm_head.weight of its own:
     # transformers scores with that head, and so must the native decoder.
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "own-head"
-    shutil.copytree(tiny_model_dir, path)
-    tensors = load_file(path / "model.safetensors")
-    embed = tensors["model.embed_tokens.weight"]
-    tensors["lm_head.weight"] = embed + 0.5 * torch.randn(
-        embed.shape, generator=torch.Generator().manual_seed(5)
-    )
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    path = _copy(tiny_model_dir, tmp_path / "own-head")
+    with _weights_of(path) as tensors:
+        embed = tensors["model.embed_tokens.weight"]
+        noise = torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
+        tensors["lm_head.weight"] = embed + 0.5 * noise
     native, reference = _loaded(path), _loaded(path, modeling="transformers")
     assert isinstance(native._core.backbone, Qwen3Backbone)
     assert torch.equal(native._core.head, reference._core.head)
@@ -164,7 +170,7 @@ def test_a_tied_config_with_its_own_head_scores_with_that_head(tiny_model_dir: P
 
 def test_what_the_decoder_does_not_describe_loads_through_transformers(tiny_model_dir: Path, tmp_path: Path):
     linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}
-    path = _edited_config(tiny_model_dir, tmp_path / "scaled-rope", rope_parameters=linear)
+    path = _copy(tiny_model_dir, tmp_path / "scaled-rope", rope_parameters=linear)
     auto = _loaded(path)
     assert not isinstance(auto._core.backbone, Qwen3Backbone)
     with pytest.raises(ValueError, match=r"modeling='native' cannot load .*RoPE type 'linear'"):
@@ -172,11 +178,11 @@ def test_what_the_decoder_does_not_describe_loads_through_transformers(tiny_mode
     # transformers reads rope_scaling before rope_parameters: a YaRN rope_scaling added to a config
     # saved by transformers 5 is scaling, whatever rope_parameters says.
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    path = _edited_config(tiny_model_dir, tmp_path / "yarn", rope_scaling=yarn)
+    path = _copy(tiny_model_dir, tmp_path / "yarn", rope_scaling=yarn)
     with pytest.raises(ValueError, match="RoPE type 'yarn'"):
         _loaded(path, modeling="native")
     # Without head_dim transformers would apply its own default (128), not hidden / heads.
-    path = _edited_config(tiny_model_dir, tmp_path / "no-head-dim", head_dim=None)
+    path = _copy(tiny_model_dir, tmp_path / "no-head-dim", drop=("head_dim",))
     with pytest.raises(ValueError, match=r"config\.json lacks head_dim"):
         _loaded(path, modeling="native")
     eager = _loaded(tiny_model_dir, attn_implementation="eager")
@@ -190,17 +196,14 @@ def test_bad_modeling_and_mismatched_tensors_are_named(tiny_model_dir: Path, tmp
     ):
         _loaded(tiny_model_dir, modeling="jax")
 
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "mismatched"
-    shutil.copytree(tiny_model_dir, path)
-    tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1]
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    path = _copy(tiny_model_dir, tmp_path / "mismatched")
+    up = "model.layers.1.mlp.up_proj.weight"
+    with _weights_of(path) as tensors:
+        tensors[up] = tensors[up][:-1]
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(127, 64\)"):
         _loaded(path)
 
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with _weights_of(path) as tensors:
+        del tensors[up]
     with pytest.raises(ValueError, match=r"missing \['layers\.1\.mlp\.up_proj\.weight'\]"):
         _loaded(path)
