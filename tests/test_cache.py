@@ -196,26 +196,26 @@ def test_a_group_can_opt_out(reranker):
         cached.score_groups([ScoreGroup(FAQ_QUERY, FAQ_DOCS, cache="no")])  # type: ignore[arg-type]
 
 
-def test_cached_scores_answers_a_fully_cached_group_and_counts_nothing_otherwise(reranker):
+def test_lookup_answers_a_fully_cached_group_and_counts_nothing_otherwise(reranker):
     cached = reranker.with_cache(1000)
     group = ScoreGroup(FAQ_QUERY, FAQ_DOCS)
-    assert cached.cached_scores(group) is None  # nothing cached yet
-    assert reranker.cached_scores(group) is None  # no cache at all
+    assert cached.lookup(group)[1] is None  # nothing cached yet
+    assert reranker.lookup(group)[1] is None  # no cache at all
     assert cached.cache.stats()["misses"] == 0  # a miss of the all-or-nothing lookup is not counted
     computed = cached.score_groups([group])[0]
     before = cached.cache.stats()
-    answer = cached.cached_scores(group)
+    answer = cached.lookup(group)[1]
     assert answer is not None
     assert answer.logits == computed.logits and answer.tokens == computed.tokens
     assert answer.cached_tokens == answer.tokens  # every token answered from the cache
-    assert cached.cached_scores(ScoreGroup(FAQ_QUERY, FAQ_DOCS, cache=False)) is None
-    assert cached.cached_scores(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS, "新的问题"])) is None  # one miss
+    assert cached.lookup(ScoreGroup(FAQ_QUERY, FAQ_DOCS, cache=False))[1] is None
+    assert cached.lookup(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS, "新的问题"]))[1] is None  # one miss
     stats = cached.cache.stats()
     assert stats["hits"]["memory"] - before["hits"]["memory"] == len(set(FAQ_DOCS))
     assert stats["misses"] == before["misses"]
     assert stats["pairs_saved"] - before["pairs_saved"] == len(FAQ_DOCS)
     with pytest.raises(ValueError, match="max_doc_tokens"):
-        cached.cached_scores(ScoreGroup(FAQ_QUERY, FAQ_DOCS, max_doc_tokens=-1))
+        cached.lookup(ScoreGroup(FAQ_QUERY, FAQ_DOCS, max_doc_tokens=-1))[1]
     # lookup: the tokens count_tokens gives, and the same answer, from one tokenisation.
     more = [*FAQ_DOCS, "新的问题"]
     assert cached.lookup(ScoreGroup(FAQ_QUERY, more)) == (reranker.count_tokens(FAQ_QUERY, more), None)
@@ -618,7 +618,7 @@ def test_an_all_or_nothing_miss_leaves_redis_hits_to_the_lookup_that_follows(rer
     first = reranker.with_cache(ScoreCache(100, url=redis_server.url, ttl=3600))
     first.score(FAQ_QUERY, FAQ_DOCS[:3])  # now in Redis
     second = reranker.with_cache(ScoreCache(100, url=redis_server.url, ttl=3600))  # empty memory tier
-    assert second.cached_scores(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS[:3], "新的问题"])) is None
+    assert second.lookup(ScoreGroup(FAQ_QUERY, [*FAQ_DOCS[:3], "新的问题"]))[1] is None
     stats = second.cache.stats()
     assert stats["hits"] == {"memory": 0, "redis": 0} and stats["misses"] == 0
     assert len(second.cache.memory) == 0  # nothing copied by the lookup that missed

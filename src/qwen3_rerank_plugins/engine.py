@@ -390,11 +390,6 @@ class Reranker(BaseReranker):
         group = dataclasses.replace(self._group(query, documents, instruction), **limits)
         return self._encode(self._checked_groups([group])[0]).tokens
 
-    def cached_scores(self, group: ScoreGroup) -> GroupScores | None:
-        """The group's scores when the score cache holds every one of its pairs, else ``None``
-        (the second half of :meth:`lookup`)."""
-        return self.lookup(group)[1]
-
     def lookup(self, group: ScoreGroup) -> tuple[int, GroupScores | None]:
         """The group's prompt tokens (as :meth:`count_tokens` counts them), and its scores when
         the score cache holds every one of its pairs (else ``None``), from one tokenisation.
