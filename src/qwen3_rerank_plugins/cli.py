@@ -311,8 +311,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise CommandError("--query must not be empty")
     docs = _read_documents(args.docs)
     _check_options(args)
-    cache = _score_cache(args)
-    reranker = load_reranker(args, bands=_bands(args), **({"cache": cache} if cache is not None else {}))
+    reranker = load_reranker(args, bands=_bands(args), cache=_score_cache(args))
     start = time.perf_counter()
     results = reranker.rerank(args.query, docs, top_n=args.top_n, instruction=args.instruction)
     seconds = time.perf_counter() - start
@@ -374,8 +373,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         except BatchError as exc:
             raise CommandError(f"--resume: {exc}") from exc
     show = args.progress if args.progress is not None else not args.quiet and sys.stderr.isatty()
-    cache = _score_cache(args)
-    reranker = load_reranker(args, bands=bands, **({"cache": cache} if cache is not None else {}))
+    reranker = load_reranker(args, bands=bands, cache=_score_cache(args))
     summary = rank_jsonl(
         reranker,
         source,
