@@ -499,19 +499,22 @@ def _score_together(
         )
         for item in items
     ]
+    pairs = sum(len(item.texts) for item in items)
     start = time.perf_counter()
-    with batch_span(len(items), sum(len(item.texts) for item in items), contexts):  # [otel]; else a no-op
+    with batch_span(len(items), pairs, contexts):  # [otel]; else a no-op
         scored = reranker.score_groups(groups, should_stop=should_stop)
     elapsed = time.perf_counter() - start
     if observer is not None:
         with contextlib.suppress(Exception):
-            observer(len(items), sum(len(item.texts) for item in items), elapsed)
+            observer(len(items), pairs, elapsed)
     return [
-        ScoredRequest(
-            result.logits,
-            result.tokens if getattr(item, "count_tokens", True) else None,
-            result.spans,
-            getattr(result, "cached_tokens", 0) if getattr(item, "count_tokens", True) else None,
-        )
+        _scored_request(result, getattr(item, "count_tokens", True))
         for item, result in zip(items, scored, strict=True)
     ]
+
+
+def _scored_request(result: Any, count_tokens: bool) -> ScoredRequest:
+    """A request's answer from its engine result; its token counts only when it asked for them."""
+    if not count_tokens:
+        return ScoredRequest(result.logits, None, result.spans)
+    return ScoredRequest(result.logits, result.tokens, result.spans, getattr(result, "cached_tokens", 0))
