@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from service_throughput import _free_port  # serve --demo needs the [server] extra, as that script does
 
 FLOOR_TORCH = [sys.executable, "-c", "import torch"]
 FLOOR_QWEN3 = [
@@ -62,12 +63,6 @@ def _wall(cmd: list[str], env: dict[str, str], stdin: str | None = None) -> floa
     if done.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({done.returncode}): {done.stderr[-2000:]}")
     return took
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serve(env: dict[str, str]) -> tuple[float, float]:
