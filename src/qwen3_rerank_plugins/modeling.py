@@ -36,8 +36,8 @@ __all__ = ["NativeQwen3", "Qwen3Backbone", "Qwen3Shape", "load_native", "native_
 logger = logging.getLogger(__name__)
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-_torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
 _SAFETENSORS_FILE = "model.safetensors"
+_torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
 #: Config keys read without a default (transformers' Qwen3Config has defaults of its own for them).
 _REQUIRED_CONFIG = (
     "vocab_size",
@@ -70,13 +70,12 @@ class Qwen3Shape:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Qwen3Shape:
         """Read a ``config.json`` (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
-        heads = int(config["num_attention_heads"])
         rope = config.get("rope_parameters") or {}
         return cls(
             vocab_size=int(config["vocab_size"]),
             hidden_size=int(config["hidden_size"]),
             num_hidden_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=heads,
+            num_attention_heads=int(config["num_attention_heads"]),
             num_key_value_heads=int(config["num_key_value_heads"]),
             head_dim=int(config["head_dim"]),
             intermediate_size=int(config["intermediate_size"]),
