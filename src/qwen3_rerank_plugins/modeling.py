@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -132,8 +132,39 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class MLP(nn.Module):
+class _Projections(nn.Module):
+    """A block whose :attr:`PROJECTIONS` all read the same input and may run as one layer.
+
+    :meth:`fuse_projections` replaces them by one module over their concatenated outputs (the
+    int8 path's: the shared input is quantized once and multiplied once); :meth:`project` gives
+    each projection's output either way.
+    """
+
+    PROJECTIONS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused: nn.Module | None = None
+        self.fused_sizes: list[int] = []
+
+    def fuse_projections(self, make: Callable[[list[nn.Linear]], nn.Module]) -> None:
+        """Run the projections as ``make(layers)``, whose output is theirs side by side."""
+        layers = [getattr(self, name) for name in self.PROJECTIONS]
+        self.fused = make(layers)
+        self.fused_sizes = [layer.out_features for layer in layers]
+        for name in self.PROJECTIONS:
+            delattr(self, name)
+
+    def project(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
+        if self.fused is None:
+            return [getattr(self, name)(x) for name in self.PROJECTIONS]
+        return self.fused(x).split(self.fused_sizes, dim=-1)
+
+
+class MLP(_Projections):
     """SwiGLU feed-forward block."""
+
+    PROJECTIONS = ("gate_proj", "up_proj")
 
     def __init__(self, shape: Qwen3Shape) -> None:
         super().__init__()
@@ -142,7 +173,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +182,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class Attention(nn.Module):
+class Attention(_Projections):
     """Grouped-query attention with per-head RMSNorm on queries and keys, and rotary positions."""
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, shape: Qwen3Shape) -> None:
         super().__init__()
@@ -181,9 +215,12 @@ class Attention(nn.Module):
         """Attention output, and this pass's own keys and values (before any cached prefix)."""
         rows, length = x.shape[:2]
         split = (rows, length, -1, self.head_dim)
-        q = self.q_norm(self.q_proj(x).view(split)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(split)).transpose(1, 2)
-        v = self.v_proj(x).view(split).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.q_norm(q.view(split)).transpose(1, 2)
+        k = self.k_norm(k.view(split)).transpose(1, 2)
+        # contiguous: a fused projection's v is a view of all three outputs, which the cached
+        # prefix would otherwise keep whole.
+        v = v.contiguous().view(split).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
