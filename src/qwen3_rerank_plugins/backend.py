@@ -439,46 +439,91 @@ class ScoringModel:
         return batch.to(self.device, non_blocking=True)
 
 
-class Int8Linear(torch.nn.Module):
-    """A linear layer in int8: per-output-channel int8 weights, per-token int8 activations.
+#: How the second int8 digit of an activation scales against the first: x = s * (high + low / 254).
+_LOW_DIGIT = 254.0
 
-    Each token (row) of the input is quantized with its own symmetric scale (its largest
-    absolute value maps to 127), the product runs in int8 with int32 accumulation through
-    ``torch._int_mm`` (oneDNN's VNNI/AMX kernels on CPU), and the result is rescaled by the row's
-    and the output channel's scales. A token's output therefore depends only on that token: an
-    outlier token cannot crush the resolution of the other rows of a batch, and a document scores
-    the same whatever it is batched with (PyTorch's ``quantize_dynamic`` uses one scale for the
-    whole input, which made scores depend on their batch-mates).
+
+class Int8Linear(torch.nn.Module):
+    """Linear layers in int8: int8 weights per output channel, activations as two int8 digits.
+
+    **Weights**: each output channel's largest magnitude maps to ``weight_max``.
+
+    **Activations**, per token (row) of the input: with ``s`` = the row's largest magnitude / 127,
+    the row is written as two int8 digits, ``high = round(x / s)`` and ``low = round((x / s -
+    high) * 254)`` (within +-127, as the remainder is within +-0.5), so that ``x = s * (high +
+    low / 254)`` to within ``s / 508``: about 16 bits. Both digit rows go through one
+    ``torch._int_mm`` (int8 products accumulated exactly in int32 by oneDNN's VNNI/AMX kernels)
+    and are joined (in int32 where the weights' row sums rule out overflow, else in float32)
+    and rescaled with the row's and the channel's scales.
+
+    A token's output therefore depends only on that token: a document scores the same whatever
+    it is batched with (PyTorch's ``quantize_dynamic`` uses one scale for the whole input, which
+    made scores depend on their batch-mates). One digit alone (plain int8 activations) ran faster,
+    2.0-2.8x float32 against two digits' 1.45-1.87x, but its rounding error, largest on the
+    feed-forward's heavy-tailed inner activations, was 2-3 times the two digits' relative to the
+    spread of a request's scores, and swapped W3's passages (benchmarks/RESULTS-precision.md).
+
+    Several layers that read the same input (queries, keys and values; gate and up) can be one
+    ``Int8Linear`` over their concatenated weights: the input is quantized once and multiplied
+    once, and the output is theirs side by side.
 
     Args:
-        linear: The float32 layer to quantize (its weights are copied, not kept).
+        linears: The float layer, or layers with the same input size, to quantize (their weights
+            are copied, not kept).
         weight_max: Largest quantized weight magnitude: 127, or 63 on CPUs without VNNI, where
             oneDNN multiplies pairs into 16-bit sums that 8-bit weights would saturate
             (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: ``torch._int_mm`` is exact with weights
             within 63 and off by up to 20 % of the result with weights up to 127).
     """
 
-    def __init__(self, linear: torch.nn.Linear, weight_max: int = 127) -> None:
+    #: The scheme's name, part of the score cache's key (another scheme gives other scores).
+    SCHEME = "int8 weights per channel, activations in two int8 digits per token"
+
+    def __init__(self, linears: torch.nn.Linear | Sequence[torch.nn.Linear], weight_max: int = 127) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
+        layers = [linears] if isinstance(linears, torch.nn.Linear) else list(linears)
+        if len({layer.in_features for layer in layers}) != 1:
+            raise ValueError(f"layers fused into one Int8Linear need one input size, got {layers}")
+        weight = torch.cat([layer.weight.detach().float() for layer in layers])
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / weight_max
         quantized = torch.round(weight / scale[:, None]).clamp(-weight_max, weight_max).to(torch.int8)
         # (in, out) as the transpose of a contiguous (out, in): the layout _int_mm reads fastest.
         self.register_buffer("weight_t", quantized.t(), persistent=False)
         self.register_buffer("weight_scale", scale, persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach().float()
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat(
+                [
+                    torch.zeros(layer.out_features) if layer.bias is None else layer.bias.detach().float()
+                    for layer in layers
+                ]
+            )
         self.register_buffer("bias", bias, persistent=False)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.in_features = layers[0].in_features
+        self.out_features = weight.shape[0]
+        # Whether high * 254 + low sums in int32 for every input: each digit is within 127, so
+        # each product is within 127 times the row's L1 norm. Then the digits are joined exactly
+        # in integers and converted once; otherwise (wide layers) in float32.
+        l1 = quantized.abs().sum(dim=1, dtype=torch.int64).max().item() if quantized.numel() else 0
+        self.sum_in_int32 = 127 * (int(_LOW_DIGIT) + 1) * l1 < 2**31
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
         amax = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
-        # Each row times 127 / its largest magnitude lies within [-127, 127]: rounding in place
-        # needs no clamp, and the row's scale is amax / 127.
-        quantized = rows.mul(127.0 / amax).round_().to(torch.int8)
-        out = torch._int_mm(quantized, self.weight_t)
-        out = torch.mul(out, amax.div_(127.0)).mul_(self.weight_scale)
+        scaled = rows.mul(127.0 / amax)
+        high = scaled.round()
+        digits = torch.empty((2 * count, self.in_features), dtype=torch.int8, device=rows.device)
+        digits[:count].copy_(high)
+        digits[count:].copy_(scaled.sub_(high).mul_(_LOW_DIGIT).round_())
+        products = torch._int_mm(digits, self.weight_t)
+        if self.sum_in_int32:
+            joined = products[:count].mul_(int(_LOW_DIGIT)).add_(products[count:])
+            out = torch.mul(joined, amax.div_(127.0 * _LOW_DIGIT))
+        else:
+            out = torch.mul(products[count:], 1.0 / _LOW_DIGIT).add_(products[:count])
+            out = out.mul_(amax.div_(127.0))
+        out = out.mul_(self.weight_scale)
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -486,29 +531,31 @@ class Int8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            "weights=int8 per channel, activations=int8 per token"
+            "weights=int8 per channel, activations=two int8 digits per token"
         )
 
 
 def quantize_int8(model: ScoringModel, *, vnni: bool = True, keep_float: Sequence[str] = ()) -> None:
     """Quantize the backbone's linear layers to int8, in place (CPU only).
 
-    Every ``nn.Linear`` of the backbone becomes an :class:`Int8Linear`: weights int8 per output
-    channel, activations int8 per token, int8 products with int32 accumulation
-    (``torch._int_mm``), output float32. Everything else is unchanged: embeddings, norms and
-    attention stay float32, and so does the two-row head (it was taken from the LM head, which is
-    not part of the backbone), so prefix reuse, cross-query batching and the template work as
-    before. Measured on this project's engine before choosing (benchmarks/RESULTS-precision.md):
-    PyTorch's ``quantize_dynamic`` (one activation scale per call) was as fast but agreed with
-    float32 only to Spearman 0.83 on W2; torchao's int8 dynamic path ran 4x slower than float32
-    without ``torch.compile``.
+    Every ``nn.Linear`` of the backbone becomes an :class:`Int8Linear` (int8 weights per output
+    channel, activations in two int8 digits per token, int8 products with int32 accumulation
+    through ``torch._int_mm``, output float32); in the native decoder the projections that read
+    one input (queries, keys and values; gate and up) become one fused layer each. Everything
+    else is unchanged: embeddings, norms and attention stay float32, and so does the two-row head
+    (it was taken from the LM head, which is not part of the backbone), so prefix reuse,
+    cross-query batching and the template work as before. Measured on this project's engine
+    before choosing (benchmarks/RESULTS-precision.md): PyTorch's ``quantize_dynamic`` (one
+    activation scale per call) was as fast but agreed with float32 only to Spearman 0.83 on W2;
+    torchao's int8 dynamic path ran 4x slower than float32 without ``torch.compile``.
 
     Args:
         model: A float32 model on CPU.
         vnni: Whether the CPU has int8 dot-product instructions (VNNI/AMX); without them the
             weights use 6 bits and a sign so AVX2's 16-bit intermediate sums cannot saturate.
         keep_float: ``fnmatch`` patterns of backbone module names whose linear layers stay float32
-            (for example ``"*.down_proj"`` or ``"layers.0.*"``); none by default.
+            (for example ``"*.down_proj"`` or ``"layers.0.*"``); none by default. A fused group
+            with a kept layer is not fused: its other layers are quantized one by one.
 
     Raises:
         ValueError: The model is not float32 on CPU.
@@ -525,14 +572,24 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True, keep_float: Sequenc
             f"dtype='int8' needs torch._int_mm, which torch {torch.__version__} lacks; use dtype='float32'"
         )
     weight_max = 127 if vnni else 63
+
+    def kept(name: str) -> bool:
+        return any(fnmatch(name, pattern) for pattern in keep_float)
+
     with torch.no_grad():
         for prefix, module in list(model.backbone.named_modules()):
+            names = getattr(module, "PROJECTIONS", ())
+            if (
+                names
+                and all(type(getattr(module, name, None)) is torch.nn.Linear for name in names)
+                and not any(kept(f"{prefix}.{name}" if prefix else name) for name in names)
+            ):
+                module.fuse_projections(lambda layers: Int8Linear(layers, weight_max))
             for name, child in list(module.named_children()):
-                qualified = f"{prefix}.{name}" if prefix else name
-                if type(child) is torch.nn.Linear and not any(fnmatch(qualified, p) for p in keep_float):
+                if type(child) is torch.nn.Linear and not kept(f"{prefix}.{name}" if prefix else name):
                     setattr(module, name, Int8Linear(child, weight_max))
     model.quantization = "int8"
-    logger.info("%s: linear layers in int8 (per-channel weights, per-token activations)", model.name)
+    logger.info("%s: linear layers in int8 (%s)", model.name, Int8Linear.SCHEME)
 
 
 # ---------------------------------------------------------------------------------------------

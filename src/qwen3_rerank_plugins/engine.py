@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backend import DEFAULT_BATCH_TOKENS, Row, ScoringModel, quantize_int8, score_rows
+from .backend import DEFAULT_BATCH_TOKENS, Int8Linear, Row, ScoringModel, quantize_int8, score_rows
 from .cache import CACHE_FORMAT_VERSION, CachedScore, ScoreCache
 from .device import cpu_features, resolve_device, resolve_precision, warn_if_emulated
 from .modeling import load_native, native_support
@@ -204,7 +204,8 @@ class Reranker(BaseReranker):
                 unless a lower precision is native there and was measured faster and in agreement,
                 see :func:`~qwen3_rerank_plugins.device.auto_cpu_precision`), ``"float32"``,
                 ``"bfloat16"``, ``"float16"`` or ``"int8"`` (CPU: dynamic int8 linear layers,
-                float32 head; approximate). bf16/fp16 on a CPU that only emulates them warns
+                float32 head; approximate). bf16/fp16 on a CPU that only emulates them, and int8
+                on one without VNNI/AMX, warn
                 (:class:`~qwen3_rerank_plugins.device.SlowPrecisionWarning`).
             source: ``"auto"`` (local directory, then Hugging Face, then ModelScope),
                 ``"local"``, ``"huggingface"`` or ``"modelscope"``.
@@ -609,7 +610,7 @@ class Reranker(BaseReranker):
             f"weights={_fingerprints[self._core].hex()}",
             f"dtype={self._core.dtype}",
             f"quantization={self._core.quantization}"
-            + (f",vnni={cpu_features().vnni}" if self._core.quantization else ""),
+            + (f",{Int8Linear.SCHEME},vnni={cpu_features().vnni}" if self._core.quantization else ""),
             f"yes={self._core.yes_id},no={self._core.no_id}",
             *(f"{name}={value!r}" for name, value in sorted(scoring.items())),
         ]
