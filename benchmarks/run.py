@@ -10,7 +10,7 @@ Paths (each in its own subprocess, so peak memory is its own):
 * ``engine``: this package's :class:`~qwen3_rerank_plugins.Reranker`, default settings.
 * ``engine-no-prefix-cache``: the engine without prefix key/value reuse (what the reuse buys).
 * ``engine-bf16``: the optional low-precision CPU path (bfloat16 weights, float32 head).
-* ``engine-int8``: the opt-in int8 CPU path (dynamic int8 linear layers, float32 head).
+* ``engine-int8``: the opt-in int8 CPU path (int8 weights, two-digit int8 activations, float32 head).
 
 Each path reports pairs/s per workload, latency p50/p95 of a 10-document request, peak memory
 (RSS on CPU, ``max_memory_allocated`` on CUDA) and max |Δscore| against ``model-card``.
@@ -60,7 +60,7 @@ PATHS: dict[str, str] = {
     "engine": "qwen3_rerank_plugins.Reranker, default settings",
     "engine-no-prefix-cache": "the engine with prefix_cache=False",
     "engine-bf16": "the engine with dtype='bfloat16' (optional low-precision path)",
-    "engine-int8": "the engine with dtype='int8' (dynamic int8 linear layers, float32 head)",
+    "engine-int8": "the engine with dtype='int8' (int8 weights, two-digit int8 activations, float32 head)",
     "engine-batched": "the engine scoring a workload's requests in one score_groups call (batch mode)",
     "llama.cpp-f32": "llama.cpp's llama-server /v1/rerank on an f32 GGUF (--llama-server, --gguf f32=FILE)",
     "llama.cpp-q8_0": "llama.cpp's llama-server /v1/rerank on a Q8_0 GGUF (--gguf q8_0=FILE)",
@@ -783,6 +783,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--workloads", help="comma-separated subset of W1,W2,W3,W4")
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of W2-W4's synthetic text (W1 is fixed); other seeds, other texts",
+    )
+    parser.add_argument(
         "--sizes", choices=sorted(SIZES), help="workload sizes (default: cpu on CPU, issue on CUDA)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over each workload (median)")
@@ -847,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = _load_average()
     model_dir, random_weights = _model_dir(args)
-    workloads = build_workloads(sizes, args.workloads.split(",") if args.workloads else None)
+    workloads = build_workloads(sizes, args.workloads.split(",") if args.workloads else None, seed=args.seed)
     if args.precision:
         return _precision_run(args, paths, model_dir, workloads, started, load_before)
     if args.reuse:  # re-render a previous run's raw results
@@ -929,7 +935,7 @@ def _precision_run(
     header += [f"- {k}: {v}" for k, v in machine.items()]
     header += _llama_cpp_lines(args)
     header += [
-        f"- workloads ({sizes_name(args)} sizes): "
+        f"- workloads ({sizes_name(args)} sizes{f', text seed {args.seed}' if args.seed else ''}): "
         + "; ".join(f"{w.name} {w.description}" for w in workloads)
     ]
     report = "\n".join(header) + "\n\n" + _precision_table(summary, results) + "\n"
@@ -938,7 +944,13 @@ def _precision_run(
     out = args.out or HERE / "RESULTS-precision.md"
     command = "python benchmarks/run.py --precision" + "".join(
         f" --{k} {v}"
-        for k, v in (("layers", args.layers), ("threads", args.threads), ("rounds", args.rounds))
+        for k, v in (
+            ("layers", args.layers),
+            ("threads", args.threads),
+            ("rounds", args.rounds),
+            ("workloads", args.workloads),
+            ("seed", args.seed),
+        )
         if v
     )
     if args.gguf:
@@ -998,6 +1010,7 @@ def sizes_name(args: argparse.Namespace) -> str:
 def _write_results(out: Path, report: str, args: argparse.Namespace) -> None:
     command = "python benchmarks/run.py" + (f" --device {args.device}" if args.device != "cpu" else "")
     command += f" --threads {args.threads}" if args.threads else ""
+    command += f" --seed {args.seed}" if args.seed else ""
     gpu_note = (
         ""
         if args.device.startswith("cuda")
