@@ -250,7 +250,7 @@ class Measured:
 #: Side-by-side engine measurements (precision -> feature class -> result) that ``dtype="auto"``
 #: reads on CPU. A precision and CPU class not listed here was not measured, and auto keeps
 #: float32 there (no real AVX2-only CPU has been measured by this project; with the dispatch
-#: capped to AVX2, int8 ran 1.03-1.16x float32 on 7-bit weights and swapped W3's passages).
+#: capped to AVX2, int8 ran 1.02-1.16x float32 on 7-bit weights and swapped W3's passages).
 #:
 #: AMD EPYC with AVX512-VNNI and AVX512-BF16 (2 threads): bfloat16 was 1.26-2.38x float32 and
 #: agreed on the 6-layer 0.6B shape, but on the full 28-layer shape its Spearman against float32
@@ -390,7 +390,7 @@ def warn_if_emulated(precision: Precision, device: torch.device, features: CpuFe
         message = (
             f"dtype='int8' on a CPU without int8 dot-product instructions ({features.describe()}; "
             "it needs AVX512-VNNI, AVX-VNNI or AMX-INT8): int8 runs on 7-bit weights here, "
-            "measured only 1.03-1.16x float32 with AVX2 kernels and further from it (max "
+            "measured only 1.02-1.16x float32 with AVX2 kernels and further from it (max "
             "|Δlogit| 0.13, one rank swap on W3; benchmarks/RESULTS-precision-emulated-avx2.md); "
             "use dtype='float32' (exact)"
         )
