@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})"
             )
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    sizes = "quick" if args.quick else (args.sizes or ("cpu" if device == "cpu" else "issue"))
+    sizes = sizes_name(args)
     args.gguf = _gguf_files(parser, args)
     default_paths = PRECISION_PATHS if args.precision else DEFAULT_PATHS[device]
     default_paths = default_paths + [f"llama.cpp-{kind}" for kind in args.gguf]
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     header += [f"- torch threads per path: {args.threads or 'torch default'}"]
     header += [f"- {k}: {v}" for k, v in machine.items()]
     header += _llama_cpp_lines(args)
-    header += [f"- workloads ({sizes} sizes): " + "; ".join(f"{w.name} {w.description}" for w in workloads)]
+    header += [_workloads_line(args, workloads)]
     report = "\n".join(header) + "\n\n" + tables + "\n"
     print(report)
 
@@ -934,10 +934,7 @@ def _precision_run(
     ]
     header += [f"- {k}: {v}" for k, v in machine.items()]
     header += _llama_cpp_lines(args)
-    header += [
-        f"- workloads ({sizes_name(args)} sizes{f', text seed {args.seed}' if args.seed else ''}): "
-        + "; ".join(f"{w.name} {w.description}" for w in workloads)
-    ]
+    header += [_workloads_line(args, workloads)]
     report = "\n".join(header) + "\n\n" + _precision_table(summary, results) + "\n"
     print(report)
     (WORK / "last-precision.json").write_text(json.dumps({"summary": summary, "machine": machine}, indent=1))
@@ -1001,6 +998,14 @@ def _gguf_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
             parser.error(f"--llama-server {args.llama_server}: not an executable file")
         args.llama_server = str(binary.resolve())
     return files
+
+
+def _workloads_line(args: argparse.Namespace, workloads: list[Workload]) -> str:
+    """The results header's line naming the workloads, their size preset and any text seed."""
+    seed = f", text seed {args.seed}" if args.seed else ""
+    return f"- workloads ({sizes_name(args)} sizes{seed}): " + "; ".join(
+        f"{w.name} {w.description}" for w in workloads
+    )
 
 
 def sizes_name(args: argparse.Namespace) -> str:

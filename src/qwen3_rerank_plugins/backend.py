@@ -573,8 +573,9 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True, keep_float: Sequenc
         )
     weight_max = 127 if vnni else 63
 
-    def kept(name: str) -> bool:
-        return any(fnmatch(name, pattern) for pattern in keep_float)
+    def kept(prefix: str, name: str) -> bool:
+        qualified = f"{prefix}.{name}" if prefix else name
+        return any(fnmatch(qualified, pattern) for pattern in keep_float)
 
     with torch.no_grad():
         for prefix, module in list(model.backbone.named_modules()):
@@ -582,11 +583,11 @@ def quantize_int8(model: ScoringModel, *, vnni: bool = True, keep_float: Sequenc
             if (
                 names
                 and all(type(getattr(module, name, None)) is torch.nn.Linear for name in names)
-                and not any(kept(f"{prefix}.{name}" if prefix else name) for name in names)
+                and not any(kept(prefix, name) for name in names)
             ):
                 module.fuse_projections(lambda layers: Int8Linear(layers, weight_max))
             for name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear and not kept(f"{prefix}.{name}" if prefix else name):
+                if type(child) is torch.nn.Linear and not kept(prefix, name):
                     setattr(module, name, Int8Linear(child, weight_max))
     model.quantization = "int8"
     logger.info("%s: linear layers in int8 (%s)", model.name, Int8Linear.SCHEME)
